@@ -1,0 +1,38 @@
+"""The `jest-curate` command: one entry point, one subcommand per stage.
+
+Subcommands are imported lazily so `jest-curate train` never imports Beam and
+`--help` stays fast. Each target is a `run(argv)` function that parses its own flags.
+"""
+import importlib
+import sys
+
+# name -> ("module:function", one-line help). Every target takes argv (a list).
+COMMANDS = {
+    "bench-select": ("benchmarks.selection:main", "benchmark joint selection vs matmul FLOP/s"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: jest-curate COMMAND [options]   (jest-curate COMMAND --help)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"jest-curate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    result = getattr(importlib.import_module(module_name), func_name)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

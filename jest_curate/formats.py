@@ -1,0 +1,589 @@
+"""Every on-disk schema of jest-curate, with small typed readers and writers.
+
+One module owns the formats so that ingest, scoring, selection, training and
+reports cannot drift apart. Paths are fsspec URLs (local paths, file://, gs://).
+
+Sharded parquet datasets (corpus, embeddings, manifests) share one layout:
+
+    ROOT/<shard_id>.parquet          the data, written to a temp name then moved
+    ROOT/<shard_id>.parquet.commit   JSON commit marker written after the data
+
+Readers only see shards whose marker exists and whose row count matches, so a
+crashed or in-flight writer never exposes a half-written shard.
+"""
+import dataclasses
+import io
+import json
+import re
+import uuid
+from typing import Any, Iterator, Optional, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jest_curate import hashing
+
+__all__ = [
+    "CORPUS_SCHEMA", "LABELED_CORPUS_SCHEMA", "NOISE_SCHEMA", "MANIFEST_SCHEMA",
+    "DEAD_LETTER_SCHEMA", "embeddings_schema",
+    "ShardInfo", "write_shard", "list_shards", "read_shard", "iter_shard_batches",
+    "Embeddings", "write_embeddings_shard", "read_embeddings_shard",
+    "Preprocess", "ModelCard", "write_model_card", "read_model_card",
+    "Checkpoint", "save_checkpoint", "load_checkpoint", "CheckpointError",
+    "write_json_atomic", "read_json", "write_bytes_atomic", "sha256_file",
+    "join_url", "FormatError",
+]
+
+
+class FormatError(ValueError):
+    """A file exists but does not follow the schema it claims."""
+
+
+# --------------------------------------------------------------------------- #
+# Schemas
+# --------------------------------------------------------------------------- #
+
+CORPUS_SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),  # Original encoded bytes.
+    pa.field("image_format", pa.string(), nullable=False),  # jpeg | png | webp
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),  # Input name given at ingest.
+    pa.field("source_location", pa.string(), nullable=False),  # e.g. tar URL + member
+    pa.field("url", pa.string()),  # Provenance, when the input has it.
+    pa.field("license", pa.string()),
+], metadata={"jest.schema": "corpus/v1"})
+
+# Evaluation splits: a corpus plus the integer class of every image.
+LABELED_CORPUS_SCHEMA = pa.schema(
+    list(CORPUS_SCHEMA) + [pa.field("label", pa.int32(), nullable=False)],
+    metadata={"jest.schema": "labeled_corpus/v1"})
+
+# Ground truth about the demo pool's captions. Reports read it; selection never does.
+NOISE_SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("noisy", pa.bool_(), nullable=False),
+    pa.field("noise_kind", pa.string(), nullable=False),  # "clean" when not noisy
+], metadata={"jest.schema": "noise/v1"})
+
+# One row per example per round: what selection decided and why.
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("round", pa.int32(), nullable=False),
+    pa.field("super_batch", pa.int64()),  # Null for dead letters.
+    pa.field("selected", pa.bool_(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),  # selected|rejected|carried|dead_letter:*
+    pa.field("chunk", pa.int32()),  # Null unless selected.
+    pa.field("position", pa.int32()),  # Order within the sub-batch; null unless selected.
+    pa.field("score", pa.float32()),  # Conditional logit when drawn; null unless selected.
+    pa.field("learner_loss", pa.float32()),  # Diagonal SigLIP losses (null if unused).
+    pa.field("reference_loss", pa.float32()),
+], metadata={"jest.schema": "manifest/v1"})
+
+DEAD_LETTER_SCHEMA = pa.schema([
+    pa.field("uid", pa.string()),  # Null when no uid could be formed.
+    pa.field("reason", pa.string(), nullable=False),  # Short machine-readable code.
+    pa.field("detail", pa.string()),  # Human-readable explanation.
+    pa.field("source_location", pa.string()),
+], metadata={"jest.schema": "dead_letter/v1"})
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """uid plus fp16, L2-normalised image and text embeddings of width `dim`."""
+    if dim < 1:
+        raise ValueError(f"embedding dim must be >= 1, got {dim}")
+    vec = pa.list_(pa.float16(), dim)
+    return pa.schema([
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("image_embedding", vec, nullable=False),
+        pa.field("text_embedding", vec, nullable=False),
+    ], metadata={"jest.schema": "embeddings/v1"})
+
+
+def _validate_schema(table: pa.Table, schema: pa.Schema, what: str) -> None:
+    """Names and types must match exactly; nullability is checked on the data."""
+    got = [(f.name, f.type) for f in table.schema]
+    want = [(f.name, f.type) for f in schema]
+    if got != want:
+        raise FormatError(f"{what}: schema mismatch.\n  expected {want}\n  got      {got}")
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise FormatError(f"{what}: column {field.name!r} has nulls but is required")
+
+
+# --------------------------------------------------------------------------- #
+# URLs and atomic writes
+# --------------------------------------------------------------------------- #
+
+def join_url(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def _fs(url: str):
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write to a unique temp name beside `url`, then move it into place.
+
+    A reader sees either the old object or the whole new one. On object stores
+    the move is copy + delete; the destination still appears in one piece.
+    """
+    fs, path = _fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/_tmp.{uuid.uuid4().hex}.{path.rsplit('/', 1)[-1]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    with fsspec.open(url, "rb") as f:
+        return json.loads(f.read())
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def sha256_file(url: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- #
+# Sharded parquet datasets
+# --------------------------------------------------------------------------- #
+
+_SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_MARKER = ".commit"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    shard_id: str
+    url: str  # The .parquet file.
+    num_rows: int
+    sha256: str  # Of the parquet file's bytes.
+    schema_name: str
+
+
+def _table_to_parquet_bytes(table: pa.Table, metadata: Optional[dict]) -> bytes:
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    sink = io.BytesIO()
+    # Fixed writer settings so equal tables give byte-identical files.
+    pq.write_table(table, sink, compression="zstd", row_group_size=4096,
+                   write_statistics=False, store_schema=True)
+    return sink.getvalue()
+
+
+def write_shard(root: str, shard_id: str, table: pa.Table, *, schema: pa.Schema,
+                metadata: Optional[dict] = None) -> ShardInfo:
+    """Write one shard of a sharded dataset atomically, then its commit marker."""
+    if not _SHARD_ID.match(shard_id):
+        raise ValueError(f"invalid shard id {shard_id!r}: use letters, digits, '_', '-', '.'")
+    missing = sorted(set(schema.names) - set(table.schema.names))
+    if missing:
+        raise FormatError(f"shard {shard_id}: missing columns {missing}")
+    table = table.select(schema.names)
+    _validate_schema(table, schema, f"shard {shard_id}")
+    table = pa.Table.from_arrays(table.columns, schema=schema)  # Schema metadata + nullability.
+    data = _table_to_parquet_bytes(table, metadata)
+    url = join_url(root, f"{shard_id}.parquet")
+    write_bytes_atomic(url, data)
+    info = ShardInfo(shard_id=shard_id, url=url, num_rows=table.num_rows,
+                     sha256=hashing.sha256_bytes(data),
+                     schema_name=(schema.metadata or {}).get(b"jest.schema", b"").decode())
+    write_json_atomic(url + _MARKER, {
+        "shard_id": shard_id, "num_rows": info.num_rows, "sha256": info.sha256,
+        "schema": info.schema_name})
+    return info
+
+
+def list_shards(root: str) -> list:
+    """Committed shards under `root`, sorted by shard id. Uncommitted files are ignored."""
+    fs, path = _fs(root)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no dataset at {root}")
+    protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
+    infos = []
+    for name in sorted(fs.ls(path, detail=False)):
+        if not name.endswith(".parquet" + _MARKER):
+            continue
+        marker_url = protocol + name if protocol else name
+        m = read_json(marker_url)
+        infos.append(ShardInfo(shard_id=m["shard_id"], url=marker_url[:-len(_MARKER)],
+                               num_rows=int(m["num_rows"]), sha256=m["sha256"],
+                               schema_name=m.get("schema", "")))
+    return sorted(infos, key=lambda i: i.shard_id)
+
+
+def read_shard(shard: "ShardInfo | str", *, schema: Optional[pa.Schema] = None,
+               columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """Read a whole shard, checking its schema and committed row count."""
+    url = shard.url if isinstance(shard, ShardInfo) else shard
+    try:
+        with fsspec.open(url, "rb") as f:
+            table = pq.read_table(f, columns=list(columns) if columns else None)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise FormatError(f"{url}: not a readable parquet file ({e})") from e
+    if isinstance(shard, ShardInfo) and table.num_rows != shard.num_rows:
+        raise FormatError(f"{url}: has {table.num_rows} rows, its commit marker says "
+                          f"{shard.num_rows}")
+    if schema is not None:
+        want = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+        _validate_schema(table.replace_schema_metadata(None), want, url)
+    return table
+
+
+def iter_shard_batches(shard: "ShardInfo | str", *, batch_size: int,
+                       columns: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
+    """Stream a shard as record batches of at most `batch_size` rows, in row order."""
+    url = shard.url if isinstance(shard, ShardInfo) else shard
+    with fsspec.open(url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        yield from pf.iter_batches(batch_size=batch_size,
+                                   columns=list(columns) if columns else None)
+
+
+def shard_metadata(shard: "ShardInfo | str") -> dict:
+    """The key/value metadata a shard was written with (str -> str)."""
+    url = shard.url if isinstance(shard, ShardInfo) else shard
+    with fsspec.open(url, "rb") as f:
+        md = pq.read_schema(f).metadata or {}
+    return {k.decode(): v.decode() for k, v in md.items()}
+
+
+# --------------------------------------------------------------------------- #
+# Embeddings: partitioned like the corpus (same shard id, same row order)
+# --------------------------------------------------------------------------- #
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    uids: list  # [n] str
+    image: np.ndarray  # [n, d] float16, L2-normalised
+    text: np.ndarray  # [n, d] float16, L2-normalised
+    model_digest: str
+    corpus_shard_sha256: str
+
+
+def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings) -> ShardInfo:
+    n, d = emb.image.shape
+    if emb.text.shape != (n, d) or len(emb.uids) != n:
+        raise ValueError(f"embeddings shape mismatch: {len(emb.uids)} uids, image "
+                         f"{emb.image.shape}, text {emb.text.shape}")
+    for name, arr in (("image", emb.image), ("text", emb.text)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} embeddings of shard {shard_id} contain NaN/inf")
+    schema = embeddings_schema(d)
+
+    def vectors(arr):
+        flat = pa.array(np.ascontiguousarray(arr, dtype=np.float16).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, d)
+
+    table = pa.table([pa.array(emb.uids, pa.string()), vectors(emb.image), vectors(emb.text)],
+                     schema=schema)
+    return write_shard(root, shard_id, table, schema=schema, metadata={
+        "jest.model_digest": emb.model_digest,
+        "jest.corpus_shard_sha256": emb.corpus_shard_sha256})
+
+
+def read_embeddings_shard(shard: "ShardInfo | str", *,
+                          expect_model_digest: Optional[str] = None) -> Embeddings:
+    """Read one embeddings shard; refuse NaNs and another model's embeddings."""
+    url = shard.url if isinstance(shard, ShardInfo) else shard
+    table = read_shard(shard)
+    md = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if md.get("jest.schema") != "embeddings/v1":
+        raise FormatError(f"{url}: not an embeddings shard (schema {md.get('jest.schema')!r})")
+    digest = md.get("jest.model_digest", "")
+    if expect_model_digest is not None and digest != expect_model_digest:
+        raise FormatError(f"{url}: embeddings were made by model {digest[:12]!r}, "
+                          f"expected {expect_model_digest[:12]!r}")
+    d = table.schema.field("image_embedding").type.list_size
+    _validate_schema(table.replace_schema_metadata(None), embeddings_schema(d), url)
+
+    def matrix(col):
+        flat = table.column(col).combine_chunks().flatten()
+        return flat.to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, d)
+
+    image, text = matrix("image_embedding"), matrix("text_embedding")
+    if not (np.isfinite(image).all() and np.isfinite(text).all()):
+        raise FormatError(f"{url}: embeddings contain NaN or inf")
+    return Embeddings(uids=table.column("uid").to_pylist(), image=image, text=text,
+                      model_digest=digest,
+                      corpus_shard_sha256=md.get("jest.corpus_shard_sha256", ""))
+
+
+# --------------------------------------------------------------------------- #
+# model.json: what produced a set of embeddings, and how inputs were prepared
+# --------------------------------------------------------------------------- #
+
+def _from_dict(cls, data: dict, what: str):
+    """Build a frozen dataclass from a dict, rejecting unknown or missing keys."""
+    if not isinstance(data, dict):
+        raise FormatError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FormatError(f"{what}: unknown keys {unknown}; allowed: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise FormatError(f"{what}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """The full contract for turning an image and a caption into model inputs."""
+    image_size: int
+    mean: tuple
+    std: tuple
+    channels: int = 3  # Grayscale inputs are converted to this many channels.
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # Resize shortest side, then centre crop.
+    tokenizer: str = "open_clip"  # open_clip's BPE ships inside the package.
+    context_length: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if self.image_size < 1 or len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise FormatError(f"inconsistent preprocessing contract: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to reproduce or validate a set of embeddings."""
+    model_name: str
+    model_cfg: dict  # open_clip model config ({"embed_dim", "vision_cfg", "text_cfg", ...}).
+    checkpoint_sha256: str  # Of the checkpoint file the weights came from.
+    logit_scale: float  # The multiplier t itself, i.e. exp(open_clip's logit_scale).
+    logit_bias: float
+    preprocess: Preprocess
+    patch_dropout: float = 0.0  # Fraction of image tokens dropped at scoring time.
+    precision: str = "fp32"
+    flops_per_example: Optional[float] = None  # Measured forward FLOPs, both towers.
+
+    @property
+    def model_digest(self) -> str:
+        """Identifies the weights and everything that changes the embeddings."""
+        return hashing.blake2b_fields(
+            "model", json.dumps(self.model_cfg, sort_keys=True), self.checkpoint_sha256,
+            json.dumps(dataclasses.asdict(self.preprocess), sort_keys=True),
+            repr(float(self.patch_dropout)), self.precision).hex()
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["preprocess"] = dataclasses.asdict(self.preprocess)
+        d["model_digest"] = self.model_digest
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict, what: str = "model.json") -> "ModelCard":
+        data = dict(data)
+        claimed = data.pop("model_digest", None)
+        pre = _from_dict(Preprocess, data.pop("preprocess", None), f"{what} preprocess")
+        card = _from_dict(cls, {**data, "preprocess": pre}, what)
+        if claimed is not None and claimed != card.model_digest:
+            raise FormatError(f"{what}: model_digest {claimed[:12]} does not match its "
+                              f"contents ({card.model_digest[:12]}); edited by hand?")
+        return card
+
+
+def write_model_card(root: str, card: ModelCard) -> None:
+    write_json_atomic(join_url(root, "model.json"), card.to_json())
+
+
+def read_model_card(root: str) -> ModelCard:
+    url = join_url(root, "model.json")
+    try:
+        data = read_json(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no model.json at {root}: not an embeddings directory?")
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{url}: not valid JSON ({e})") from e
+    return ModelCard.from_json(data, url)
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints: open_clip-compatible state dict + step + config
+# --------------------------------------------------------------------------- #
+
+CHECKPOINT_FORMAT = "jest-curate/checkpoint/v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be used."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    state_dict: dict  # open_clip model state dict (no "module." prefixes).
+    step: int
+    model_cfg: Optional[dict]  # None for open_clip_train checkpoints (they don't carry it).
+    model_name: Optional[str] = None
+    optimizer: Optional[dict] = None
+    scheduler: Optional[dict] = None
+    extra: Optional[dict] = None  # JSON-able training state (examples seen, FLOPs, RNG...).
+
+
+def save_checkpoint(url: str, ckpt: Checkpoint) -> str:
+    """Write atomically; returns the file's sha256."""
+    import torch
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": ckpt.state_dict,
+        "step": int(ckpt.step),
+        "model_name": ckpt.model_name,
+        # JSON text: torch.load(weights_only=True) accepts only plain containers.
+        "model_cfg_json": json.dumps(ckpt.model_cfg, sort_keys=True) if ckpt.model_cfg else None,
+        "optimizer": ckpt.optimizer,
+        "scheduler": ckpt.scheduler,
+        "extra_json": json.dumps(ckpt.extra, sort_keys=True) if ckpt.extra else None,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    write_bytes_atomic(url, data)
+    return hashing.sha256_bytes(data)
+
+
+def load_checkpoint(url: str) -> Checkpoint:
+    """Load our checkpoints or open_clip_train's `epoch_N.pt` safely.
+
+    Only tensors and plain containers are unpickled (`weights_only=True`), so an
+    arbitrary pickle is refused instead of executed.
+    """
+    import pickle
+
+    import torch
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {url}")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{url}: refusing to load: not a plain state dict "
+                              f"(weights_only load failed: {str(e).splitlines()[0]})") from e
+    except Exception as e:  # Truncated/corrupt zip archives raise assorted errors.
+        raise CheckpointError(f"{url}: not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{url}: expected a dict, found {type(obj).__name__}")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        state_dict, step = obj["state_dict"], int(obj["step"])
+        cfg = json.loads(obj["model_cfg_json"]) if obj.get("model_cfg_json") else None
+        extra = json.loads(obj["extra_json"]) if obj.get("extra_json") else None
+        ckpt = Checkpoint(state_dict=state_dict, step=step, model_cfg=cfg,
+                          model_name=obj.get("model_name"), optimizer=obj.get("optimizer"),
+                          scheduler=obj.get("scheduler"), extra=extra)
+    elif "state_dict" in obj:  # open_clip_train: {"epoch", "name", "state_dict", ...}
+        sd = obj["state_dict"]
+        if isinstance(sd, dict) and sd and all(k.startswith("module.") for k in sd):
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        ckpt = Checkpoint(state_dict=sd, step=int(obj.get("step", obj.get("epoch", 0)) or 0),
+                          model_cfg=None, model_name=obj.get("name"))
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        ckpt = Checkpoint(state_dict=obj, step=0, model_cfg=None)  # A bare state dict.
+    else:
+        raise CheckpointError(f"{url}: a dict, but neither a jest-curate checkpoint nor a "
+                              f"state dict (keys: {sorted(map(str, obj))[:8]})")
+    if not isinstance(ckpt.state_dict, dict) or not ckpt.state_dict or not all(
+            isinstance(v, torch.Tensor) for v in ckpt.state_dict.values()):
+        raise CheckpointError(f"{url}: 'state_dict' is not a mapping of names to tensors")
+    return ckpt
+
+
+# --------------------------------------------------------------------------- #
+# Run config: one validated JSON fixes a whole curation + training run
+# --------------------------------------------------------------------------- #
+
+METHODS = ("jest", "independent", "uniform", "easy-reference", "hard-learner")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A rounds run. Every seed is derived from `seed` and recorded in `derived_seeds`."""
+    name: str
+    seed: int
+    method: str
+    batch_size: int  # b: examples per training step (= per selected sub-batch).
+    steps_per_round: int  # K sub-batches selected and trained on per round.
+    rounds: int
+    learner_model: str  # open_clip config name or path to a JSON config.
+    reference_model: str
+    filter_ratio: Optional[float] = None  # f; S = round(b / (1 - f)). Give f or S.
+    super_batch_size: Optional[int] = None
+    chunks: int = 16  # N
+    temperature: float = 1.0  # tau
+    rescore_every: int = 1  # k: the learner rescores the pool every k rounds.
+    score_image_size: Optional[int] = None  # Cheap scoring: lower resolution...
+    score_patch_dropout: float = 0.0  # ...and/or dropped image tokens.
+    score_precision: str = "fp32"
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} not in {METHODS}")
+        if (self.filter_ratio is None) == (self.super_batch_size is None):
+            raise ValueError("give exactly one of filter_ratio and super_batch_size")
+        if self.filter_ratio is not None and not 0.0 <= self.filter_ratio < 1.0:
+            raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
+        for name in ("batch_size", "steps_per_round", "rounds", "chunks", "rescore_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.score_precision not in ("fp32", "bf16"):
+            raise ValueError(f"score_precision must be fp32 or bf16, got {self.score_precision}")
+
+    @property
+    def resolved_super_batch_size(self) -> int:
+        if self.super_batch_size is not None:
+            return self.super_batch_size
+        return round(self.batch_size / (1.0 - self.filter_ratio))
+
+    def derived_seeds(self) -> dict:
+        """The child seeds every stage uses, for the run's records."""
+        return {stage: hashing.derive_seed(self.seed, stage)
+                for stage in ("learner_init", "reference_init", "select", "train_data")}
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "derived_seeds": self.derived_seeds()}
+
+    @classmethod
+    def from_json(cls, data: dict, what: str = "run config") -> "RunConfig":
+        data = dict(data)
+        recorded = data.pop("derived_seeds", None)
+        cfg = _from_dict(cls, data, what)
+        if recorded is not None and recorded != cfg.derived_seeds():
+            raise FormatError(f"{what}: recorded derived_seeds do not match seed {cfg.seed}")
+        return cfg
+
+
+def read_run_config(url: str) -> RunConfig:
+    return RunConfig.from_json(read_json(url), url)

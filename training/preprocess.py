@@ -1,0 +1,80 @@
+"""The preprocessing contract, applied identically by the trainer and the scorer.
+
+Images: decode the original bytes, convert to RGB (grayscale is replicated), resize
+the shortest side to `image_size` (bicubic), centre-crop, scale to [0, 1] and
+normalise with the contract's mean/std. Captions: open_clip's BPE tokenizer, which
+ships inside the open_clip package, padded/truncated to `context_length`.
+"""
+import io
+from typing import Sequence
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from jest_curate import formats
+
+__all__ = ["MAX_IMAGE_PIXELS", "ImageDecodeError", "decode_image", "preprocess_images",
+           "tokenize"]
+
+# Decompression-bomb guard: 64 MP is far above any training resolution.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can use; `reason` is a short code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode to RGB, refusing oversized or undecodable inputs before full decode."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many types for garbage input.
+        raise ImageDecodeError("undecodable_image", f"{type(e).__name__}: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+    try:
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:
+        raise ImageDecodeError("undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
+def _to_array(img: Image.Image, contract: formats.Preprocess) -> np.ndarray:
+    size = contract.image_size
+    width, height = img.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), _RESAMPLE[contract.interpolation])
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def preprocess_images(images: Sequence, contract: formats.Preprocess) -> torch.Tensor:
+    """[n, 3, H, W] float32 model inputs from encoded bytes or PIL images."""
+    if contract.resize_mode != "shortest":
+        raise ValueError(f"unsupported resize_mode {contract.resize_mode!r}")
+    arrays = [_to_array(decode_image(x) if isinstance(x, (bytes, bytearray)) else x.convert("RGB"),
+                        contract) for x in images]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(contract.mean).view(1, 3, 1, 1)
+    std = torch.tensor(contract.std).view(1, 3, 1, 1)
+    return batch.sub_(mean).div_(std)
+
+
+def tokenize(captions: Sequence[str], contract: formats.Preprocess) -> torch.Tensor:
+    """[n, context_length] int64 tokens."""
+    if contract.tokenizer != "open_clip":
+        raise ValueError(f"unsupported tokenizer {contract.tokenizer!r}")
+    return open_clip.tokenize(list(captions), context_length=contract.context_length)
