@@ -203,8 +203,13 @@ def write_shard(root: str, shard_id: str, table: pa.Table, *, schema: pa.Schema,
     if missing:
         raise FormatError(f"shard {shard_id}: missing columns {missing}")
     table = table.select(schema.names)
-    _validate_schema(table, schema, f"shard {shard_id}")
-    table = pa.Table.from_arrays(table.columns, schema=schema)  # Schema metadata + nullability.
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise FormatError(f"shard {shard_id}: column {field.name!r} has nulls but is required")
+    try:  # Safe casts only (all-null -> string, int64 -> int32 without overflow).
+        table = table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise FormatError(f"shard {shard_id}: cannot store as {schema.names}: {e}") from e
     data = _table_to_parquet_bytes(table, metadata)
     url = join_url(root, f"{shard_id}.parquet")
     write_bytes_atomic(url, data)
