@@ -592,3 +592,71 @@ class RunConfig:
 
 def read_run_config(url: str) -> RunConfig:
     return RunConfig.from_json(read_json(url), url)
+
+
+# --------------------------------------------------------------------------- #
+# Curated WebDataset shards (what selection writes and trainers read)
+# --------------------------------------------------------------------------- #
+#   DIR/00000.tar, 00001.tar, ...   samples {uid}.{ext} / {uid}.txt / {uid}.json
+#   DIR/sizes.json                  {"00000.tar": n, ...} as open_clip_train reads it
+# Tar headers are fixed (mtime 0, root-less, mode 644) so shards are byte-identical
+# across reruns. A shard is a concatenation of sample blobs plus the end-of-archive.
+
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_TAR_BLOCK = 512
+_UID = re.compile(r"^[0-9a-z_-]{1,64}$")  # No dots: WebDataset splits keys at the first '.'.
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    pad = (-len(data)) % _TAR_BLOCK
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * pad
+
+
+def encode_wds_sample(*, uid: str, image: bytes, image_format: str, caption: str,
+                      metadata: dict) -> bytes:
+    """The tar bytes of one sample: image, caption and JSON metadata members."""
+    if not _UID.match(uid):
+        raise ValueError(f"uid {uid!r} is not usable as a WebDataset key (lowercase, no dots)")
+    ext = IMAGE_EXTENSIONS.get(image_format)
+    if ext is None:
+        raise ValueError(f"unsupported image_format {image_format!r}")
+    meta = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+    return (_tar_member(f"{uid}.{ext}", image) + _tar_member(f"{uid}.txt", caption.encode())
+            + _tar_member(f"{uid}.json", meta))
+
+
+TAR_END = b"\0" * (2 * _TAR_BLOCK)
+
+
+def iter_wds_samples(url: str) -> Iterator[dict]:
+    """Stream samples of one tar in written order: {"uid", "image", "ext", "caption", "json"}.
+
+    Refuses absolute paths, `..` components and links instead of trusting them.
+    """
+    import tarfile
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        sample = None
+        for member in tar:
+            name = member.name
+            if name.startswith("/") or ".." in name.split("/") or not member.isfile():
+                raise FormatError(f"{url}: refusing tar member {name!r} (absolute, '..' or "
+                                  f"not a regular file)")
+            key, _, ext = name.rpartition("/")[2].partition(".")
+            data = tar.extractfile(member).read()
+            if sample is None or sample["uid"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"uid": key}
+            if ext == "txt":
+                sample["caption"] = data.decode("utf-8")
+            elif ext == "json":
+                sample["json"] = json.loads(data)
+            else:
+                sample["image"], sample["ext"] = data, ext
+        if sample is not None:
+            yield sample
