@@ -8,6 +8,7 @@ import sys
 
 # name -> ("module:function", one-line help). Every target takes argv (a list).
 COMMANDS = {
+    "select": ("pipelines.select:run", "JEST-select sub-batches per super-batch; write curated shards"),
     "bench-select": ("benchmarks.selection:main", "benchmark joint selection vs matmul FLOP/s"),
 }
 

@@ -213,3 +213,29 @@ def test_errors(corpus_root, tmp_path):
                     os.path.join(str(tmp_path), "swapped", fname))
     with pytest.raises(Exception, match="made by model"):
         _run(swapped)
+
+
+def test_shards_load_with_webdataset_and_open_clip_train(jest_run):
+    import argparse
+
+    import open_clip
+    import webdataset as wds
+    from open_clip_train.data import get_wds_dataset
+    from torchvision import transforms
+
+    cfg, stats = jest_run
+    shards = os.path.join(cfg.output, "shards")
+    names = sorted(json.load(open(os.path.join(shards, "sizes.json"))))
+    urls = [os.path.join(shards, n) for n in names]
+    seen = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False).decode("pil")]
+    assert len(seen) == stats["selected"] == len(set(seen))
+
+    brace = os.path.join(shards, "{%s..%s}.tar" % (names[0][:-4], names[-1][:-4]))
+    args = argparse.Namespace(train_data=brace, val_data=None, train_num_samples=None,
+                              dataset_resampled=False, train_data_upsampling_factors=None,
+                              seed=0, batch_size=4, workers=0, world_size=1)
+    preprocess = transforms.Compose([transforms.Resize(8), transforms.ToTensor()])
+    info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.tokenize)
+    assert info.dataloader.num_samples == stats["selected"]  # Read from our sizes.json.
+    images, texts = next(iter(info.dataloader))
+    assert images.shape == (4, 3, 8, 8) and texts.shape == (4, 77)
