@@ -62,6 +62,7 @@ class SelectConfig:
     round: int = 0
     shuffle_round: Optional[int] = None  # Permutation key; defaults to `round`.
     super_batch_range: Optional[tuple] = None  # [first, stop) super-batches to select from.
+    uids: Optional[str] = None  # Parquet of the uids this round may use (a slice of the pool).
     reference: Optional[str] = None  # Embeddings directories.
     learner: Optional[str] = None
     compute_dtype: str = "fp32"
@@ -116,6 +117,19 @@ def _manifest_rows(rows: dict, *, reason: str, round_: int, super_batch=None) ->
 
 # ----------------------------------------------------------------------------- join
 
+UIDS_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False)])
+
+
+def write_uid_set(url: str, uids) -> None:
+    """A slice of the pool (one round's candidates), as a one-column parquet file."""
+    table = pa.table({"uid": pa.array(sorted(uids), pa.string())}, schema=UIDS_SCHEMA)
+    formats.write_bytes_atomic(url, formats._table_to_parquet_bytes(table, None))
+
+
+def read_uid_set(url: str) -> frozenset:
+    return frozenset(formats.read_shard(url, schema=UIDS_SCHEMA).column("uid").to_pylist())
+
+
 def _load_card(root: Optional[str]) -> Optional[formats.ModelCard]:
     return formats.read_model_card(root) if root else None
 
@@ -130,6 +144,7 @@ class _JoinShard(beam.DoFn):
     def setup(self):
         self._cards = {role: _load_card(getattr(self._cfg, role)) for role in ("reference",
                                                                                 "learner")}
+        self._slice = read_uid_set(self._cfg.uids) if self._cfg.uids else None
 
     def process(self, shard: formats.ShardInfo):
         cfg = self._cfg
@@ -138,6 +153,13 @@ class _JoinShard(beam.DoFn):
         rows = {"uid": uids, "shard_id": np.full(len(uids), shard.shard_id, dtype=object),
                 "row": np.arange(len(uids), dtype=np.int64)}
         valid = np.ones(len(uids), bool)
+        if self._slice is not None:
+            valid = np.array([u in self._slice for u in uids], dtype=bool)
+            if not valid.all():
+                beam.metrics.Metrics.counter(_NAMESPACE, "outside_slice").inc(
+                    int((~valid).sum()))
+                yield beam.pvalue.TaggedOutput("manifest", _manifest_rows(
+                    _take(rows, ~valid), reason="outside_slice", round_=cfg.round))
         for role in _NEEDS[cfg.method]:
             emb, found = self._embeddings(role, shard, uids)
             for name, arr in (("image", emb.image), ("text", emb.text)):
@@ -584,6 +606,8 @@ def parse_args(argv):
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--shuffle-round", type=int, help="permutation key (default: --round)")
     p.add_argument("--super-batch-range", help="FIRST:STOP super-batches to select from")
+    p.add_argument("--uids", help="parquet of the uids this round may use; others are "
+                                  "recorded as outside_slice")
     p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batches-per-shard", type=int, help="sub-batches per output tar")
     return p.parse_known_args(argv)
@@ -597,7 +621,7 @@ def config_from_args(args) -> SelectConfig:
         corpus=args.corpus, output=args.output, batch_size=args.batch_size,
         super_batch_size=S, method=args.method, chunks=args.chunks,
         temperature=args.temperature, seed=args.seed, round=args.round,
-        shuffle_round=args.shuffle_round, super_batch_range=rng,
+        shuffle_round=args.shuffle_round, super_batch_range=rng, uids=args.uids,
         reference=args.reference_embeddings, learner=args.learner_embeddings,
         compute_dtype=args.compute_dtype, batches_per_shard=args.batches_per_shard)
 

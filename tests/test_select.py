@@ -239,3 +239,15 @@ def test_shards_load_with_webdataset_and_open_clip_train(jest_run):
     assert info.dataloader.num_samples == stats["selected"]  # Read from our sizes.json.
     images, texts = next(iter(info.dataloader))
     assert images.shape == (4, 3, 8, 8) and texts.shape == (4, 77)
+
+
+def test_uid_slice_restricts_candidates(corpus_root):
+    chosen = [f"{i:06x}" for i in range(0, 170, 2) if i != 0x5a][:80]  # -> 2 super-batches.
+    uids_url = os.path.join(corpus_root, "slice.parquet")
+    select.write_uid_set(uids_url, chosen)
+    cfg = _cfg(corpus_root, out="sliced", uids=uids_url)
+    stats = _run(cfg)
+    m = _manifest(cfg.output).to_pylist()
+    assert stats["outside_slice"] == 157 - 80 and stats["super_batches"] == 2
+    assert stats["carried"] == 0 and stats["dead_lettered"] == 0
+    assert {r["uid"] for r in m if r["reason"] in ("selected", "rejected")} == set(chosen)
