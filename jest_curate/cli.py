@@ -8,8 +8,13 @@ import sys
 
 # name -> ("module:function", one-line help). Every target takes argv (a list).
 COMMANDS = {
+    "demo-data": ("jest_curate.demo_data:run", "build the Fashion-MNIST demo corpus"),
+    "ingest": ("pipelines.ingest:main", "parquet or an image folder -> canonical corpus shards"),
+    "embed": ("pipelines.embed:main", "embed a corpus with a reference or learner model"),
     "select": ("pipelines.select:run", "JEST-select sub-batches per super-batch; write curated shards"),
     "bench-select": ("benchmarks.selection:main", "benchmark joint selection vs matmul FLOP/s"),
+    "train": ("training.main:train_main", "train a learner or reference model (SigLIP, resumable)"),
+    "eval": ("training.main:eval_main", "zero-shot and retrieval metrics of a checkpoint"),
 }
 
 

@@ -28,7 +28,8 @@ from jest_curate import hashing
 __all__ = [
     "CORPUS_SCHEMA", "LABELED_CORPUS_SCHEMA", "NOISE_SCHEMA", "MANIFEST_SCHEMA",
     "DEAD_LETTER_SCHEMA", "embeddings_schema",
-    "ShardInfo", "write_shard", "list_shards", "read_shard", "iter_shard_batches",
+    "ShardInfo", "write_shard", "list_shards", "committed_shard", "remove_shard",
+    "read_shard", "iter_shard_batches",
     "Embeddings", "write_embeddings_shard", "read_embeddings_shard",
     "Preprocess", "ModelCard", "write_model_card", "read_model_card",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "CheckpointError",
@@ -230,7 +231,8 @@ def list_shards(root: str) -> list:
     protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
     infos = []
     for name in sorted(fs.ls(path, detail=False)):
-        if not name.endswith(".parquet" + _MARKER):
+        # A marker being written is `_tmp.<hex>.<id>.parquet.commit`; ids never start with '_'.
+        if not name.endswith(".parquet" + _MARKER) or name.rsplit("/", 1)[-1].startswith("_"):
             continue
         marker_url = protocol + name if protocol else name
         m = read_json(marker_url)
@@ -238,6 +240,26 @@ def list_shards(root: str) -> list:
                                num_rows=int(m["num_rows"]), sha256=m["sha256"],
                                schema_name=m.get("schema", "")))
     return sorted(infos, key=lambda i: i.shard_id)
+
+
+def committed_shard(root: str, shard_id: str) -> Optional[ShardInfo]:
+    """The committed shard `shard_id` under `root`, or None if there is none."""
+    marker_url = join_url(root, f"{shard_id}.parquet{_MARKER}")
+    try:
+        m = read_json(marker_url)
+    except FileNotFoundError:
+        return None
+    return ShardInfo(shard_id=m["shard_id"], url=marker_url[:-len(_MARKER)],
+                     num_rows=int(m["num_rows"]), sha256=m["sha256"],
+                     schema_name=m.get("schema", ""))
+
+
+def remove_shard(root: str, shard_id: str) -> None:
+    """Uncommit, then delete, one shard (readers stop seeing it at the first step)."""
+    fs, path = _fs(join_url(root, f"{shard_id}.parquet"))
+    for p in (path + _MARKER, path):
+        if fs.exists(p):
+            fs.rm(p)
 
 
 def read_shard(shard: "ShardInfo | str", *, schema: Optional[pa.Schema] = None,
