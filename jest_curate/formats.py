@@ -127,13 +127,23 @@ def _fs(url: str):
     return fs, path
 
 
+_ATOMIC_UPLOAD_PROTOCOLS = {"gs", "gcs", "s3", "s3a"}
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write to a unique temp name beside `url`, then move it into place.
 
-    A reader sees either the old object or the whole new one. On object stores
-    the move is copy + delete; the destination still appears in one piece.
+    A reader sees either the old object or the whole new one. Object stores
+    publish an object only when its upload completes, so there the data is
+    written in place: a move would be a second full copy (and GCS emulators
+    lack the moveTo call gcsfs tries first).
     """
     fs, path = _fs(url)
+    if _ATOMIC_UPLOAD_PROTOCOLS.intersection(
+            [fs.protocol] if isinstance(fs.protocol, str) else fs.protocol):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -313,7 +323,9 @@ class Embeddings:
     corpus_shard_sha256: str
 
 
-def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings) -> ShardInfo:
+def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings, *,
+                           metadata: Optional[dict] = None) -> ShardInfo:
+    """`metadata`: extra str -> str entries (e.g. what a partial run was restricted to)."""
     n, d = emb.image.shape
     if emb.text.shape != (n, d) or len(emb.uids) != n:
         raise ValueError(f"embeddings shape mismatch: {len(emb.uids)} uids, image "
@@ -330,6 +342,7 @@ def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings) -> ShardIn
     table = pa.table([pa.array(emb.uids, pa.string()), vectors(emb.image), vectors(emb.text)],
                      schema=schema)
     return write_shard(root, shard_id, table, schema=schema, metadata={
+        **(metadata or {}),
         "jest.model_digest": emb.model_digest,
         "jest.corpus_shard_sha256": emb.corpus_shard_sha256})
 
@@ -377,6 +390,11 @@ def _from_dict(cls, data: dict, what: str):
         return cls(**data)
     except TypeError as e:
         raise FormatError(f"{what}: {e}") from e
+
+
+def load_dataclass(cls, data: dict, what: str):
+    """A frozen dataclass from JSON data; unknown keys are errors, not silently ignored."""
+    return _from_dict(cls, data, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,6 +590,12 @@ class RunConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 0
     weight_decay: float = 0.1
+    train_precision: str = "auto"  # auto | fp32 | bf16
+    pool: Optional[str] = None  # Canonical corpus URL the rounds draw from.
+    reference_checkpoint: Optional[str] = None  # Trained on the curated set.
+    eval_data: Optional[str] = None  # eval/ directory (zero-shot, retrieval).
+    eval_every: int = 1  # Rounds between evaluations (the last round is always evaluated).
+    eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -580,7 +604,8 @@ class RunConfig:
             raise ValueError("give exactly one of filter_ratio and super_batch_size")
         if self.filter_ratio is not None and not 0.0 <= self.filter_ratio < 1.0:
             raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
-        for name in ("batch_size", "steps_per_round", "rounds", "chunks", "rescore_every"):
+        for name in ("batch_size", "steps_per_round", "rounds", "chunks", "rescore_every",
+                     "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
