@@ -9,9 +9,11 @@ import sys
 # name -> ("module:function", one-line help). Every target takes argv (a list).
 COMMANDS = {
     "demo-data": ("jest_curate.demo_data:run", "build the Fashion-MNIST demo corpus"),
-    "ingest": ("pipelines.ingest:main", "parquet or an image folder -> canonical corpus shards"),
+    "ingest": ("pipelines.ingest:main", "parquet/folder/WebDataset/img2dataset -> corpus shards"),
     "embed": ("pipelines.embed:main", "embed a corpus with a reference or learner model"),
     "select": ("pipelines.select:run", "JEST-select sub-batches per super-batch; write curated shards"),
+    "rounds": ("pipelines.rounds:run", "score -> select -> train, round after round (resumable)"),
+    "demo": ("pipelines.demo:run", "the whole product on Fashion-MNIST, with a speedup report"),
     "bench-select": ("benchmarks.selection:main", "benchmark joint selection vs matmul FLOP/s"),
     "train": ("training.main:train_main", "train a learner or reference model (SigLIP, resumable)"),
     "eval": ("training.main:eval_main", "zero-shot and retrieval metrics of a checkpoint"),

@@ -1,357 +1,180 @@
 """`jest-curate ingest`: raw image-text data -> canonical corpus shards, as a Beam pipeline.
 
-    jest-curate ingest --input URL --format parquet|folder --output URL [--source NAME]
+    jest-curate ingest --input URL [--input URL ...] --format FORMAT [--format ...]
+        --output URL [--source NAME ...] [--blocklist URL] [--dedup image|image-caption|none]
         [--caption-column caption --image-column image --uid-column C --url-column C
          --license-column C] [--captions-csv URL] [beam options, e.g. --runner]
 
-Formats
-  parquet  a file, a directory of *.parquet or a glob; the image column holds bytes
-           (or a struct with a `bytes` field, as Hugging Face datasets store images).
-  folder   images (recursively) with `.txt` sidecars of the same stem, or a captions CSV
-           (--captions-csv, default INPUT/captions.csv if present) whose --image-column
-           holds paths relative to INPUT and --caption-column the caption.
+Each --input is one source (named by --source, default its basename; names must
+differ), read with its --format (one for all inputs, or one per input):
 
-Each format is a reader turning one work item (a parquet row group, a list of files)
-into `RawExample`s; validation (pipelines/validate.py), shard assignment and writing
-are shared. Outputs under OUTPUT:
+    parquet      a file, a directory of *.parquet or a glob
+    folder       images with .txt sidecars, or a captions CSV
+    webdataset   a .tar, a directory of tars or a glob; streamed, never extracted
+    img2dataset  img2dataset's output directory (tars + per-shard parquet + _stats.json)
+
+(readers: pipelines/ingest_readers.py and pipelines/tar_stream.py, which also
+document the uid rule). Then, for every example: reader problems, uid, blocklist,
+image (decodable JPEG/PNG/WebP within byte and pixel limits), caption (non-empty
+UTF-8 within --max-caption-chars); then exact duplicates across all inputs
+(pipelines/dedup.py). Outputs under OUTPUT (nothing is written anywhere else):
 
     <shard>.parquet(+.commit)    CORPUS_SCHEMA, rows bucketed by uid hash, sorted by uid
-    _dead_letter/                DEAD_LETTER_SCHEMA: every rejected example with its reason
-    stats.json                   seen / ingested / dead_lettered, per reason and per source;
-                                 written last, after both writes, as the completion marker
-
-uids: --uid-column values (must be [A-Za-z0-9_-]{1,128}) or 32 hex digits of
-blake2b("ingest", source, path relative to INPUT, row or CSV line), stable across reruns.
-An unreadable input file is one dead letter (`unreadable_input`).
+    _dead_letter/                DEAD_LETTER_SCHEMA: every rejected example, its reason
+                                 (validate.REASONS) and where it came from
+    stats.json                   seen / ingested / dead_lettered, per reason and per source
+                                 (ingested + dead_lettered == seen for each); written last,
+                                 after both datasets, as the completion marker
 """
 import argparse
-import csv
 import dataclasses
 import logging
-import re
-from typing import Iterable, List, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from jest_curate import formats, hashing
-from pipelines import validate
+from jest_curate import formats
+from pipelines import dedup, ingest_readers, tar_stream, validate
 from pipelines.corpus_io import AssignShards, WriteCorpus
+from pipelines.ingest_readers import RawExample, ReadConfig
 
-__all__ = ["IngestConfig", "RawExample", "IngestCorpus", "validate_examples", "merge_stats",
-           "work_items", "run", "main"]
+__all__ = ["READERS", "FORMATS", "IngestConfig", "ReadConfig", "RawExample", "IngestCorpus",
+           "merge_stats", "work_items", "config_from_args", "run", "main"]
 
 _NAMESPACE = "jest_curate.ingest"
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class Reader(NamedTuple):
+    """One format: list work items at launch, split and read them in the pipeline."""
+    list_items: Callable  # (ReadConfig) -> work items.
+    split: Callable  # (item, ReadConfig) -> finer items (e.g. parquet row groups).
+    read: Callable  # (item, ReadConfig) -> lists of RawExamples.
+    upstream: Optional[Callable] = None  # (item, ReadConfig) -> counts the input reports.
+
+
+READERS = {
+    "parquet": Reader(ingest_readers.parquet_work, ingest_readers.parquet_row_groups,
+                      ingest_readers.read_parquet),
+    "folder": Reader(ingest_readers.folder_work, ingest_readers.whole, ingest_readers.read_folder),
+    "webdataset": Reader(tar_stream.tar_work, ingest_readers.whole, tar_stream.read_tar),
+    "img2dataset": Reader(tar_stream.tar_work, ingest_readers.whole, tar_stream.read_tar,
+                          tar_stream.img2dataset_upstream),
+}
+FORMATS = tuple(sorted(READERS))
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether URL `inner` is `outer` or below it (same filesystem)."""
+    fs_in, path_in = fsspec.core.url_to_fs(inner.split("*")[0])
+    fs_out, path_out = fsspec.core.url_to_fs(outer)
+    if fs_in.protocol != fs_out.protocol:
+        return False
+    path_in, path_out = path_in.rstrip("/"), path_out.rstrip("/")
+    return path_in == path_out or path_in.startswith(path_out + "/")
 
 
 @dataclasses.dataclass(frozen=True)
 class IngestConfig:
-    input: str
+    inputs: tuple  # One ReadConfig per input; their sources differ.
     output: str
-    format: str
-    source: str
-    caption_column: str = "caption"
-    image_column: str = "image"
-    uid_column: Optional[str] = None
-    url_column: Optional[str] = None
-    license_column: Optional[str] = None
-    captions_csv: Optional[str] = None
-    batch_size: int = 256
     rows_per_shard: int = 2048
     max_caption_chars: int = validate.MAX_CAPTION_CHARS
+    max_image_bytes: int = validate.MAX_IMAGE_BYTES
+    blocklist: Optional[str] = None  # URL of a text file of uids / source URLs to refuse.
+    dedup: str = "image"  # dedup.MODES; uid duplicates are always resolved.
+    dedup_rows_per_group: int = 1 << 20
 
     def __post_init__(self):
-        if self.format not in _READERS:
-            raise ValueError(f"unknown --format {self.format!r}; expected one of "
-                             f"{sorted(_READERS)}")
-        if not validate.is_valid_uid(self.source):
-            raise ValueError(f"--source {self.source!r}: use 1-128 of [A-Za-z0-9_-]")
-        if self.batch_size < 1 or self.rows_per_shard < 1 or self.max_caption_chars < 1:
-            raise ValueError("batch size, rows per shard and max caption chars must be >= 1")
+        if not self.inputs:
+            raise ValueError("give at least one --input")
+        for read_cfg in self.inputs:
+            if read_cfg.format not in READERS:
+                raise ValueError(f"unknown --format {read_cfg.format!r}; expected one of "
+                                 f"{FORMATS}")
+            if _within(self.output, read_cfg.input) or _within(read_cfg.input, self.output):
+                raise ValueError(f"--output {self.output} and --input {read_cfg.input} overlap; "
+                                 "write the corpus somewhere else")
+        sources = [c.source for c in self.inputs]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"source names must differ (uids depend on them): {sources}; "
+                             "give one --source per --input")
+        if self.dedup not in dedup.MODES:
+            raise ValueError(f"--dedup {self.dedup!r} not in {dedup.MODES}")
+        if min(self.rows_per_shard, self.max_caption_chars, self.max_image_bytes,
+               self.dedup_rows_per_group) < 1:
+            raise ValueError("rows per shard, max caption chars and max image bytes must be >= 1")
 
 
-@dataclasses.dataclass
-class RawExample:
-    """One candidate example as a reader found it, before validation."""
-    source_location: str
-    uid: Optional[str] = None
-    image: Optional[bytes] = None
-    caption: object = None  # str | bytes | None
-    url: Optional[str] = None
-    license: Optional[str] = None
-    rejection: Optional[validate.Rejection] = None  # Set by the reader (e.g. missing file).
-
-
-def _derived_uid(source: str, *where) -> str:
-    return hashing.blake2b_fields("ingest", source, *where).hex()
-
-
-def _optional_str(value) -> Optional[str]:
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-# --------------------------------------------------------------------------- #
-# Readers: work items (built by the launcher) -> RawExamples
-# --------------------------------------------------------------------------- #
-
-def _columns(cfg: IngestConfig) -> list:
-    """The input columns the configuration names (image, caption, then optional ones)."""
-    return [c for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.url_column,
-                        cfg.license_column) if c]
-
-
-def _relative(path: str, root: str) -> str:
-    return path[len(root):].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
-
-
-def _parquet_work(cfg: IngestConfig) -> list:
-    """[(file url, path relative to INPUT)] of the parquet input, checking its columns."""
-    fs, root = fsspec.core.url_to_fs(cfg.input)
-    if any(ch in cfg.input for ch in "*?["):
-        paths, root = fs.glob(root), re.split(r"[*?\[]", root)[0].rsplit("/", 1)[0]
-    elif fs.isdir(root):
-        paths = [p for p in fs.find(root) if p.endswith(".parquet")
-                 and not p.rsplit("/", 1)[-1].startswith(("_", "."))]
-    else:
-        paths, root = ([root] if fs.exists(root) else []), root.rsplit("/", 1)[0]
-    if not paths:
-        raise FileNotFoundError(f"no parquet files at {cfg.input}")
-    with fs.open(sorted(paths)[0], "rb") as f:
-        names = pq.read_schema(f).names
-    missing = [c for c in _columns(cfg) if c not in names]
-    if missing:
-        raise ValueError(f"{sorted(paths)[0]}: no column(s) {missing}; it has {names}. "
-                         "Set --image-column/--caption-column/... to match.")
-    return [(fs.unstrip_protocol(p), _relative(p, root)) for p in sorted(paths)]
-
-
-def _parquet_row_groups(item, cfg: IngestConfig) -> Iterable:
-    """(url, rel) -> (url, rel, row group, first row) so large files read in parallel."""
-    url, rel = item
-    try:
-        with fsspec.open(url, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-    except (pa.ArrowInvalid, OSError) as e:
-        yield url, rel, -1, f"{type(e).__name__}: {e}", 0
-        return
-    names = meta.schema.to_arrow_schema().names
-    missing = [c for c in _columns(cfg) if c not in names]
-    if missing:  # A configuration error, not bad data: stop with a clear message.
-        raise ValueError(f"{url}: no column(s) {missing}; it has {names}")
-    first = 0
-    for rg in range(meta.num_row_groups):
-        rows = meta.row_group(rg).num_rows
-        yield url, rel, rg, first, rows
-        first += rows
-
-
-def _image_values(column: pa.Array) -> list:
-    if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
-        column = column.field("bytes")
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise formats.FormatError(f"image column has type {column.type}; expected binary or "
-                                  "a struct with a 'bytes' field")
-    return column.to_pylist()
-
-
-def _parquet_examples(batch: pa.RecordBatch, first: int, url: str, rel: str,
-                      cfg: IngestConfig) -> List[RawExample]:
-    images = _image_values(batch.column(cfg.image_column))
-    captions = batch.column(cfg.caption_column).to_pylist()
-    optional = {k: batch.column(c).to_pylist() if c else [None] * batch.num_rows
-                for k, c in (("uid", cfg.uid_column), ("url", cfg.url_column),
-                             ("license", cfg.license_column))}
-    return [RawExample(f"{url}#row={first + i}", image=images[i], caption=captions[i],
-                       uid=(_optional_str(optional["uid"][i]) if cfg.uid_column
-                            else _derived_uid(cfg.source, rel, first + i)),
-                       url=_optional_str(optional["url"][i]),
-                       license=_optional_str(optional["license"][i]))
-            for i in range(batch.num_rows)]
-
-
-def _read_parquet(item, cfg: IngestConfig) -> Iterable[List[RawExample]]:
-    url, rel, rg, first, num_rows = item
-    if rg < 0:  # The file's footer could not be read (`first` holds the error): one letter.
-        yield [RawExample(url, rejection=validate.Rejection("unreadable_input", first))]
-        return
-    columns = _columns(cfg)
-    row, end = first, first + num_rows
-    try:
-        with fsspec.open(url, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_size,
-                                                        row_groups=[rg], columns=columns):
-                examples = _parquet_examples(batch, row, url, rel, cfg)
-                row += batch.num_rows
-                yield examples
-    except (pa.ArrowInvalid, OSError) as e:  # Corrupt pages: the rest of the group is lost.
-        rejection = validate.Rejection("unreadable_input",
-                                       f"row group {rg}: {type(e).__name__}: {e}")
-        yield [RawExample(f"{url}#row={r}", rejection=rejection) for r in range(row, end)]
-
-
-def _read_csv(url: str) -> list:
-    with fsspec.open(url, "r", encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-class _FolderItem(NamedTuple):
-    image_url: Optional[str]  # None: the caption names a file that does not exist.
-    rel: str  # Image path relative to INPUT.
-    where: str  # source_location: the image, the orphan sidecar, or the CSV line.
-    caption: Optional[str] = None  # From the CSV.
-    sidecar_url: Optional[str] = None
-    csv_row: Optional[dict] = None  # Raw CSV row for uid / url / license columns.
-    csv_line: Optional[int] = None
-
-
-def _folder_work(cfg: IngestConfig) -> list:
-    """Chunks of `_FolderItem`s: images with their sidecar or CSV caption, and orphans."""
-    fs, root = fsspec.core.url_to_fs(cfg.input)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"no folder at {cfg.input}")
-    files = sorted(fs.find(root))
-    images = {p for p in files if p.lower().endswith(_IMAGE_EXTENSIONS)}
-    url = fs.unstrip_protocol
-    csv_url = cfg.captions_csv
-    if csv_url is None and fs.exists(f"{root}/captions.csv"):
-        csv_url = url(f"{root}/captions.csv")
-    items, referenced = [], set()
-    if csv_url is not None:
-        rows = _read_csv(csv_url)
-        header = list(rows[0]) if rows else []
-        for c in _columns(cfg):
-            if rows and c not in header:
-                raise ValueError(f"{csv_url}: no column {c!r}; it has {header}")
-        for line, row in enumerate(rows, start=2):  # Line 1 is the header.
-            path = f"{root}/{(row.get(cfg.image_column) or '').strip().lstrip('/')}"
-            referenced.add(path)
-            found = path in images or fs.isfile(path)  # Any file: validation says what is wrong.
-            items.append(_FolderItem(url(path) if found else None, _relative(path, root),
-                                     f"{csv_url}:{line}", caption=row.get(cfg.caption_column),
-                                     csv_row=row, csv_line=line))
-    else:
-        sidecars = {p[:-len(".txt")] for p in files if p.endswith(".txt")}
-        for path in sorted(images):
-            stem = path.rsplit(".", 1)[0]
-            referenced.add(path)
-            items.append(_FolderItem(url(path), _relative(path, root), url(path),
-                                     sidecar_url=url(stem + ".txt") if stem in sidecars else None))
-        for stem in sorted(sidecars - {p.rsplit(".", 1)[0] for p in images}):
-            items.append(_FolderItem(None, _relative(stem, root), url(stem + ".txt"),
-                                     sidecar_url=url(stem + ".txt")))
-    for path in sorted(images - referenced):  # Images the CSV never mentions have no caption.
-        items.append(_FolderItem(url(path), _relative(path, root), url(path)))
-    return [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
-
-
-def _read_folder(chunk: List[_FolderItem], cfg: IngestConfig) -> Iterable[List[RawExample]]:
-    examples = []
-    for item in chunk:
-        row = item.csv_row or {}
-        where = (item.rel,) if item.csv_line is None else (item.rel, item.csv_line)
-        ex = RawExample(item.where, caption=item.caption,
-                        uid=row.get(cfg.uid_column) if cfg.uid_column else _derived_uid(
-                            cfg.source, *where),
-                        url=row.get(cfg.url_column) or None if cfg.url_column else None,
-                        license=row.get(cfg.license_column) or None if cfg.license_column else None)
-        if item.image_url is None:
-            ex.rejection = validate.Rejection("missing_image", f"no image file for {item.rel}")
-        elif item.sidecar_url is None and item.csv_line is None:
-            ex.rejection = validate.Rejection("missing_caption",
-                                              f"no .txt sidecar or CSV row for {item.rel}")
-        else:
-            try:
-                with fsspec.open(item.image_url, "rb") as f:
-                    ex.image = f.read()
-                if item.sidecar_url is not None:
-                    with fsspec.open(item.sidecar_url, "rb") as f:
-                        ex.caption = f.read()
-            except FileNotFoundError as e:  # Deleted between listing and reading.
-                ex.rejection = validate.Rejection("missing_image", f"disappeared: {e}")
-        examples.append(ex)
-    yield examples
-
-
-def _whole(item, cfg: IngestConfig) -> Iterable:
-    yield item
-
-
-# format -> (list work items at launch, split them in the pipeline, read one).
-_READERS = {"parquet": (_parquet_work, _parquet_row_groups, _read_parquet),
-            "folder": (_folder_work, _whole, _read_folder)}
-
-
-# --------------------------------------------------------------------------- #
-# Shared: validate, split into corpus rows and dead letters, count
-# --------------------------------------------------------------------------- #
-
-def _problem(ex: RawExample, max_caption_chars: int) -> Optional[validate.Rejection]:
-    return (ex.rejection or validate.uid_problem(ex.uid) or validate.image_problem(ex.image)
-            or validate.caption_problem(ex.caption, max_chars=max_caption_chars))
-
-
-def validate_examples(examples: List[RawExample], *, source: str, max_caption_chars: int):
-    """(corpus pa.RecordBatch, dead-letter pa.RecordBatch, stats dict) of one reader batch."""
-    rows = {name: [] for name in formats.CORPUS_SCHEMA.names}
-    dead = {name: [] for name in formats.DEAD_LETTER_SCHEMA.names}
-    reasons = {}
-    for ex in examples:
-        problem = _problem(ex, max_caption_chars)
-        if problem is not None:
-            reasons[str(problem)] = reasons.get(str(problem), 0) + 1
-            for name, value in (("uid", ex.uid if validate.is_valid_uid(ex.uid) else None),
-                                ("reason", str(problem)), ("detail", problem.detail[:1000]),
-                                ("source_location", ex.source_location)):
-                dead[name].append(value)
-            continue
-        values = {"uid": ex.uid, "image": bytes(ex.image),
-                  "image_format": validate.image_format(bytes(ex.image)),
-                  "caption": validate.clean_caption(ex.caption), "source": source,
-                  "source_location": ex.source_location, "url": ex.url, "license": ex.license}
-        for name, value in values.items():
-            rows[name].append(value)
-    corpus = pa.RecordBatch.from_pydict(rows, schema=formats.CORPUS_SCHEMA)
-    dead_letters = pa.RecordBatch.from_pydict(dead, schema=formats.DEAD_LETTER_SCHEMA)
-    stats = {source: {"seen": len(examples), "ingested": corpus.num_rows,
-                      "dead_lettered": dead_letters.num_rows, "reasons": reasons}}
-    return corpus, dead_letters, stats
+def _count(source: str, counts: dict) -> None:
+    """Beam counters mirroring stats.json (dedup passes negative `ingested` deltas)."""
+    for namespace in (_NAMESPACE, f"{_NAMESPACE}.source.{source}"):
+        for name in ("seen", "ingested", "dead_lettered"):
+            Metrics.counter(namespace, name).inc(counts[name])
+        for reason, n in counts["reasons"].items():
+            Metrics.counter(namespace, f"dropped_{reason}").inc(n)
 
 
 class _ReadAndValidate(beam.DoFn):
+    """(input index, work item) -> (corpus batch, dead-letter batch, stats) per read batch."""
+
     def __init__(self, cfg: IngestConfig):
         self._cfg = cfg
-        self._read = _READERS[cfg.format][2]
+        self._blocklist = frozenset()
 
-    def process(self, item):
-        for examples in self._read(item, self._cfg):
-            corpus, dead, stats = validate_examples(
-                examples, source=self._cfg.source, max_caption_chars=self._cfg.max_caption_chars)
-            counts = stats[self._cfg.source]
-            for name in ("seen", "ingested", "dead_lettered"):
-                Metrics.counter(_NAMESPACE, name).inc(counts[name])
-            for reason, n in counts["reasons"].items():
-                Metrics.counter(_NAMESPACE, f"dropped_{reason}").inc(n)
+    def setup(self):
+        self._blocklist = validate.read_blocklist(self._cfg.blocklist)
+
+    def process(self, element):
+        index, item = element
+        read_cfg = self._cfg.inputs[index]
+        for examples in READERS[read_cfg.format].read(item, read_cfg):
+            corpus, dead, stats = validate.validate_examples(
+                examples, source=read_cfg.source, blocklist=self._blocklist,
+                max_image_bytes=self._cfg.max_image_bytes,
+                max_caption_chars=self._cfg.max_caption_chars)
+            _count(read_cfg.source, stats[read_cfg.source])
             yield corpus, dead, stats
+
+
+def _split(element, cfg: IngestConfig) -> Iterable:
+    index, item = element
+    read_cfg = cfg.inputs[index]
+    for part in READERS[read_cfg.format].split(item, read_cfg):
+        yield index, part
+
+
+def _count_deltas(stats: dict) -> dict:
+    for source, counts in stats.items():
+        _count(source, counts)
+    return stats
+
+
+def _upstream_stats(element, cfg: IngestConfig) -> Iterable[dict]:
+    """Counts the input reports about itself (img2dataset's _stats.json), per source."""
+    index, item = element
+    read_cfg = cfg.inputs[index]
+    upstream = READERS[read_cfg.format].upstream
+    if upstream is not None:
+        yield {read_cfg.source: {"seen": 0, "ingested": 0, "dead_lettered": 0, "reasons": {},
+                                 read_cfg.format: upstream(item, read_cfg)}}
+
+
+def _add(acc: dict, part: dict) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add(acc.setdefault(key, {}), value)
+        else:
+            acc[key] = acc.get(key, 0) + value
 
 
 def merge_stats(parts: Iterable[dict]) -> dict:
     """Sum per-source counters: {source: {seen, ingested, dead_lettered, reasons: {...}}}."""
     out = {}
     for part in parts:
-        for source, c in part.items():
-            acc = out.setdefault(source, {"seen": 0, "ingested": 0, "dead_lettered": 0,
-                                          "reasons": {}})
-            for name in ("seen", "ingested", "dead_lettered"):
-                acc[name] += c[name]
-            for reason, n in c["reasons"].items():
-                acc["reasons"][reason] = acc["reasons"].get(reason, 0) + n
+        _add(out, part)
     return out
 
 
@@ -372,18 +195,21 @@ def _stats_part(result):
 def _write_stats(by_source: dict, corpus_infos: list, dead_infos: list, cfg: IngestConfig) -> dict:
     """Totals plus shard lists; refuses to write counts the shards do not bear out."""
     reasons = {}
-    for c in by_source.values():
+    for source, c in by_source.items():
+        if c["ingested"] + c["dead_lettered"] != c["seen"]:
+            raise RuntimeError(f"ingest lost examples of {source}: {c}")
         for reason, n in c["reasons"].items():
             reasons[reason] = reasons.get(reason, 0) + n
     stats = {name: sum(c[name] for c in by_source.values())
              for name in ("seen", "ingested", "dead_lettered")}
     written = (sum(i.num_rows for i in corpus_infos), sum(i.num_rows for i in dead_infos))
-    if stats["ingested"] + stats["dead_lettered"] != stats["seen"] or written != (
-            stats["ingested"], stats["dead_lettered"]):
+    if written != (stats["ingested"], stats["dead_lettered"]):
         raise RuntimeError(f"ingest lost examples: counted {stats}, wrote {written} rows")
     stats.update({
         "reasons": dict(sorted(reasons.items())), "by_source": by_source,
-        "input": cfg.input, "format": cfg.format, "output": cfg.output,
+        "inputs": [{"input": c.input, "format": c.format, "source": c.source}
+                   for c in cfg.inputs],
+        "output": cfg.output, "dedup": cfg.dedup, "blocklist": cfg.blocklist,
         "shards": {i.shard_id: {"rows": i.num_rows, "sha256": i.sha256}
                    for i in sorted(corpus_infos, key=lambda i: i.shard_id)},
         "dead_letter_shards": {i.shard_id: {"rows": i.num_rows, "sha256": i.sha256}
@@ -393,10 +219,10 @@ def _write_stats(by_source: dict, corpus_infos: list, dead_infos: list, cfg: Ing
 
 
 class IngestCorpus(beam.PTransform):
-    """Work items of one format -> corpus shards, dead letters and stats.json under OUTPUT.
+    """(input index, work item)s -> corpus shards, dead letters and stats.json under OUTPUT.
 
-    Apply to a PCollection of the format's work items (see `work_items`); returns the
-    PCollection holding the stats dict written to OUTPUT/stats.json.
+    Apply to a PCollection of `work_items(cfg)`; returns the PCollection holding the
+    stats dict written to OUTPUT/stats.json.
     """
 
     def __init__(self, cfg: IngestConfig):
@@ -406,63 +232,114 @@ class IngestCorpus(beam.PTransform):
     def expand(self, work):
         cfg = self._cfg
         results = (work
-                   | "Split" >> beam.FlatMap(_READERS[cfg.format][1], cfg)
+                   | "Split" >> beam.FlatMap(_split, cfg)
                    | "Spread" >> beam.Reshuffle()
                    | "ReadAndValidate" >> beam.ParDo(_ReadAndValidate(cfg)))
-        corpus = (results
-                  | "CorpusRows" >> beam.FlatMap(_corpus_part)
-                  | "AssignCorpusShards" >> AssignShards(rows_per_shard=cfg.rows_per_shard)
-                  | "WriteCorpus" >> WriteCorpus(cfg.output))
-        dead = (results
-                | "DeadLetters" >> beam.FlatMap(_dead_part)
+        kept, duplicates, duplicate_stats = (
+            results
+            | "ValidRows" >> beam.FlatMap(_corpus_part)
+            | "Dedup" >> dedup.DropDuplicates(mode=cfg.dedup, rows_per_shard=cfg.rows_per_shard,
+                                              rows_per_group=cfg.dedup_rows_per_group))
+        corpus = kept | "WriteCorpus" >> WriteCorpus(cfg.output)
+        dead = ((results | "DeadLetters" >> beam.FlatMap(_dead_part), duplicates)
+                | "AllDeadLetters" >> beam.Flatten()
                 | "AssignDeadLetterShards" >> AssignShards(rows_per_shard=cfg.rows_per_shard,
                                                            key_column="source_location")
                 | "WriteDeadLetters" >> WriteCorpus(formats.join_url(cfg.output, "_dead_letter"),
                                                     schema=formats.DEAD_LETTER_SCHEMA,
                                                     sort_by=("source_location", "reason")))
-        return (results
-                | "Stats" >> beam.Map(_stats_part)
+        duplicate_stats = duplicate_stats | "CountDuplicates" >> beam.Map(_count_deltas)
+        return ((results | "Stats" >> beam.Map(_stats_part), duplicate_stats,
+                 work | "Upstream" >> beam.FlatMap(_upstream_stats, cfg))
+                | "AllStats" >> beam.Flatten()
                 | "MergeStats" >> beam.CombineGlobally(merge_stats)
                 | "WriteStats" >> beam.Map(_write_stats, beam.pvalue.AsList(corpus),
                                            beam.pvalue.AsList(dead), cfg))
 
 
 def work_items(cfg: IngestConfig) -> list:
-    """The launcher's listing of the input: parquet files, or chunks of folder items."""
-    return _READERS[cfg.format][0](cfg)
+    """The launcher's listing of every input: [(input index, work item)]."""
+    return [(index, item) for index, read_cfg in enumerate(cfg.inputs)
+            for item in READERS[read_cfg.format].list_items(read_cfg)]
+
+
+def _default_source(url: str) -> str:
+    """The input's last path component without extension, as a valid source name."""
+    parts = [p for p in url.rstrip("/").split("/") if p and not any(c in p for c in "*?[")]
+    name = parts[-1].split(".")[0] if parts else ""
+    name = "".join(c if validate.is_valid_uid(c) else "-" for c in name)[:128]
+    return name or "input"
+
+
+def _per_input(values: Optional[list], n: int, flag: str, default) -> list:
+    if not values:
+        return [default(i) for i in range(n)]
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"give one {flag} for all inputs or one per --input ({n}), "
+                         f"not {len(values)}")
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jest-curate ingest",
                                      description="Ingest image-text data into canonical shards.")
-    parser.add_argument("--input", required=True, help="file, directory or glob URL")
-    parser.add_argument("--format", required=True, choices=sorted(_READERS))
+    parser.add_argument("--input", required=True, action="append",
+                        help="file, directory or glob URL; repeat for several sources")
+    parser.add_argument("--format", required=True, action="append", choices=FORMATS,
+                        help="one for all inputs, or one per --input")
     parser.add_argument("--output", required=True, help="corpus directory URL")
-    parser.add_argument("--source", default=None, help="name of this input (default: its basename)")
-    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--source", action="append",
+                        help="name of each input (default: its basename); part of derived uids")
+    parser.add_argument("--caption-column", default="caption",
+                        help="parquet/CSV column; tars: .json field used without a .txt member")
     parser.add_argument("--image-column", default="image",
                         help="parquet: image bytes; folder CSV: image path relative to INPUT")
-    parser.add_argument("--uid-column", default=None, help="default: uids derived from location")
-    parser.add_argument("--url-column", default=None)
-    parser.add_argument("--license-column", default=None)
+    parser.add_argument("--uid-column", default=None,
+                        help="column / .json field holding uids (default: derived, see docs)")
+    parser.add_argument("--url-column", default=None, help="default: 'url' when present")
+    parser.add_argument("--license-column", default=None,
+                        help="default: 'license', 'licence' or 'LICENSE' when present")
     parser.add_argument("--captions-csv", default=None, help="folder: captions CSV URL")
+    parser.add_argument("--blocklist", default=None,
+                        help="text file of uids and/or source URLs to refuse (takedowns)")
+    parser.add_argument("--dedup", default="image", choices=dedup.MODES,
+                        help="image: keep one example per image bytes (other captions of it "
+                             "are SigLIP false negatives); image-caption: only exact pairs "
+                             "(keeps COCO-style multi-caption images); none. Repeated uids "
+                             "are always resolved")
+    parser.add_argument("--dedup-rows-per-group", type=int, default=1 << 20,
+                        help="key records (~100 B each) one worker compares at once")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=2048)
     parser.add_argument("--max-caption-chars", type=int, default=validate.MAX_CAPTION_CHARS)
+    parser.add_argument("--max-image-bytes", type=int, default=validate.MAX_IMAGE_BYTES,
+                        help="encoded image size limit; also caps every tar member read")
     return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
-    """Parse flags, list the input, run the pipeline; returns the stats written."""
-    args, beam_args = _parser().parse_known_args(argv)
-    source = args.source or args.input.rstrip("/").rsplit("/", 1)[-1].split(".")[0] or "input"
-    cfg = IngestConfig(
-        input=args.input, output=args.output, format=args.format, source=source,
-        caption_column=args.caption_column, image_column=args.image_column,
-        uid_column=args.uid_column, url_column=args.url_column,
+def config_from_args(args) -> IngestConfig:
+    n = len(args.input)
+    fmts = _per_input(args.format, n, "--format", None)
+    sources = _per_input(args.source, n, "--source", lambda i: _default_source(args.input[i]))
+    inputs = tuple(ReadConfig(
+        input=url, format=fmt, source=source, caption_column=args.caption_column,
+        image_column=args.image_column, uid_column=args.uid_column, url_column=args.url_column,
         license_column=args.license_column, captions_csv=args.captions_csv,
-        batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
-        max_caption_chars=args.max_caption_chars)
+        batch_size=args.batch_size, max_member_bytes=args.max_image_bytes)
+        for url, fmt, source in zip(args.input, fmts, sources))
+    return IngestConfig(inputs=inputs, output=args.output, rows_per_shard=args.rows_per_shard,
+                        max_caption_chars=args.max_caption_chars,
+                        max_image_bytes=args.max_image_bytes, blocklist=args.blocklist,
+                        dedup=args.dedup, dedup_rows_per_group=args.dedup_rows_per_group)
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    """Parse flags, list the inputs, run the pipeline; returns the stats written."""
+    args, beam_args = _parser().parse_known_args(argv)
+    cfg = config_from_args(args)
+    validate.read_blocklist(cfg.blocklist)  # Fail now, not on every worker, if it is unreadable.
     items = work_items(cfg)
     stats_url = formats.join_url(cfg.output, "stats.json")
     if formats.exists(stats_url):  # No stale completion marker while shards are rewritten.

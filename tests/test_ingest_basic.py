@@ -138,8 +138,10 @@ def test_folder_with_captions_csv(tmp_path):
                           ["2.png", "two", ""], ["2.png", "two again", "cc0"],
                           ["missing.png", "nothing here", "cc0"], ["3.png", "", "cc0"]])
     out = str(tmp_path / "out")
+    # 2.png has two captions: keep both (the default, --dedup image, keeps one per image).
     stats = ingest.run(["--input", str(src), "--format", "folder", "--output", out,
-                        "--image-column", "file", "--license-column", "license"] + BEAM)
+                        "--image-column", "file", "--license-column", "license",
+                        "--dedup", "image-caption"] + BEAM)
     # 6 CSV rows + 4.png, which the CSV never mentions.
     _check_stats(stats, 7, {"empty_caption": 1, "missing_caption": 1, "missing_image": 1})
     rows = sorted((r["caption"], r["license"], r["source_location"].rsplit(":", 1)[1])
