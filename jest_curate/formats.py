@@ -651,7 +651,9 @@ def read_run_config(url: str) -> RunConfig:
 
 IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 _TAR_BLOCK = 512
-_UID = re.compile(r"^[0-9a-z_-]{1,64}$")  # No dots: WebDataset splits keys at the first '.'.
+# The same rule ingest enforces (pipelines/validate.py). No dots: WebDataset splits keys at
+# the first '.'.
+_UID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def _tar_member(name: str, data: bytes) -> bytes:
@@ -661,14 +663,15 @@ def _tar_member(name: str, data: bytes) -> bytes:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     pad = (-len(data)) % _TAR_BLOCK
-    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * pad
+    # PAX only adds an extended header for names over 100 characters.
+    return info.tobuf(format=tarfile.PAX_FORMAT) + data + b"\0" * pad
 
 
 def encode_wds_sample(*, uid: str, image: bytes, image_format: str, caption: str,
                       metadata: dict) -> bytes:
     """The tar bytes of one sample: image, caption and JSON metadata members."""
     if not _UID.match(uid):
-        raise ValueError(f"uid {uid!r} is not usable as a WebDataset key (lowercase, no dots)")
+        raise ValueError(f"uid {uid!r} is not usable as a WebDataset key ([A-Za-z0-9_-], no dots)")
     ext = IMAGE_EXTENSIONS.get(image_format)
     if ext is None:
         raise ValueError(f"unsupported image_format {image_format!r}")

@@ -201,7 +201,7 @@ class _ReadBatches(beam.DoFn):
     def process(self, shard):
         batches = formats.iter_shard_batches(shard, batch_size=self._batch_size,
                                              columns=_READ_COLUMNS)
-        offset = 0
+        offset, pending = 0, []
         while True:
             try:  # Only reading is guarded: downstream (fused) errors pass through `yield`.
                 batch = next(batches)
@@ -212,18 +212,33 @@ class _ReadBatches(beam.DoFn):
                                           f"({type(e).__name__}: {e})") from e
             _check_corpus_columns(batch.schema, shard)
             self._seen.inc(batch.num_rows)
-            self._batches.inc()
-            requested = batch
-            if self._wanted is not None:
+            if self._wanted is None:
+                self._batches.inc()
+                yield shard, offset, batch, 0
+            else:  # Re-batch the requested rows: a slice is sparse in every shard.
                 requested = batch.filter(pc.is_in(batch.column("uid"), value_set=self._wanted))
                 self._not_requested.inc(batch.num_rows - requested.num_rows)
-            yield shard, offset, requested, batch.num_rows - requested.num_rows
+                pending.append((offset, requested, batch.num_rows - requested.num_rows))
+                if sum(p[1].num_rows for p in pending) >= self._batch_size:
+                    yield self._merged(shard, pending)
+                    pending = []
             offset += batch.num_rows
+        if pending:
+            yield self._merged(shard, pending)
         if offset != shard.num_rows:
             raise formats.FormatError(f"{shard.url}: has {offset} rows, its commit marker "
                                       f"says {shard.num_rows}")
         if offset == 0:  # An empty shard still gets (empty) outputs.
             yield shard, 0, pa.RecordBatch.from_pylist([], schema=_read_schema()), 0
+
+
+    def _merged(self, shard, pending):
+        """Consecutive filtered batches as one element, keyed by the first one's offset."""
+        self._batches.inc()
+        table = pa.Table.from_batches([p[1] for p in pending], schema=_read_schema())
+        merged = table.combine_chunks().to_batches()
+        batch = merged[0] if merged else pa.RecordBatch.from_pylist([], schema=_read_schema())
+        return shard, pending[0][0], batch, sum(p[2] for p in pending)
 
 
 def _read_schema() -> pa.Schema:
