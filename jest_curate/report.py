@@ -1,0 +1,192 @@
+"""The demo's report: speedups defined so they cannot flatter JEST, plots and a table.
+
+Speedup (README "Speedup"): uniform's *target* is the mean over seeds of its last three
+evaluations. A method's examples-to-target is the examples seen at the first evaluation
+after which its seed-mean zero-shot accuracy stays >= the target; "never reached" is
+reported as None. examples_speedup and flops_speedup (scoring included) divide
+uniform's totals by the method's values at that evaluation.
+"""
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from jest_curate import formats
+
+__all__ = ["seed_mean_curve", "speedups", "selection_diagnostics", "write_report"]
+
+METRIC = "zeroshot_top1"
+
+
+def seed_mean_curve(summaries: list) -> dict:
+    """Seed-mean accuracy, examples and FLOPs at each evaluated round of one method."""
+    per_seed = [[r for r in s["rounds"] if r.get("eval")] for s in summaries]
+    n = min(len(p) for p in per_seed)
+    if n == 0:
+        raise ValueError("no evaluations in these runs")
+    curve = {"round": [], "examples": [], "total_flops": [], "train_flops": [], "accuracy": []}
+    for i in range(n):
+        points = [p[i] for p in per_seed]
+        curve["round"].append(points[0]["round"])
+        for key in ("examples_seen", "total_flops", "train_flops"):
+            curve["examples" if key == "examples_seen" else key].append(
+                float(np.mean([pt[key] for pt in points])))
+        curve["accuracy"].append(float(np.mean([pt["eval"][METRIC] for pt in points])))
+    return curve
+
+
+def _first_staying_at_or_above(values, target) -> Optional[int]:
+    for i in range(len(values)):
+        if all(v >= target for v in values[i:]):
+            return i
+    return None
+
+
+def speedups(uniform: dict, method: dict) -> dict:
+    """uniform and method are seed-mean curves (see `seed_mean_curve`)."""
+    target = float(np.mean(uniform["accuracy"][-3:]))
+    i = _first_staying_at_or_above(method["accuracy"], target)
+    result = {"target_accuracy": target, "uniform_examples": uniform["examples"][-1],
+              "uniform_flops": uniform["total_flops"][-1], "reached": i is not None}
+    if i is None:
+        result.update(examples_to_target=None, flops_to_target=None, examples_speedup=None,
+                      flops_speedup=None)
+    else:
+        result.update(examples_to_target=method["examples"][i],
+                      flops_to_target=method["total_flops"][i],
+                      examples_speedup=uniform["examples"][-1] / method["examples"][i],
+                      flops_speedup=uniform["total_flops"][-1] / method["total_flops"][i])
+    return result
+
+
+def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
+    """Per round: noisy share of selected examples and learnability selected vs rejected."""
+    noisy = None
+    if noise_dir:
+        table = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(noise_dir))
+        noisy = dict(zip(table.column("uid").to_pylist(), table.column("noisy").to_pylist()))
+    rows = []
+    rounds_dir = os.path.join(run_dir, "rounds")
+    for name in sorted(os.listdir(rounds_dir)):
+        manifest = os.path.join(rounds_dir, name, "selection", "manifest")
+        if not os.path.isdir(manifest):
+            continue
+        m = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(manifest))
+        decided = m.filter(pa.compute.is_in(m.column("reason"),
+                                            value_set=pa.array(["selected", "rejected"])))
+        sel = decided.column("selected").to_numpy(zero_copy_only=False)
+        uids = decided.column("uid").to_pylist()
+        row = {"round": int(name[1:])}
+        if noisy is not None:
+            flags = np.array([noisy.get(u, False) for u in uids])
+            row["noisy_share_selected"] = float(flags[sel].mean()) if sel.any() else None
+            row["noisy_share_candidates"] = float(flags.mean())
+        lrn = decided.column("learner_loss").to_numpy(zero_copy_only=False).astype(float)
+        ref = decided.column("reference_loss").to_numpy(zero_copy_only=False).astype(float)
+        learnability = lrn - ref
+        if np.isfinite(learnability).any():
+            row["learnability_selected"] = float(np.nanmean(learnability[sel]))
+            row["learnability_rejected"] = float(np.nanmean(learnability[~sel]))
+        rows.append(row)
+    return rows
+
+
+def _plot(curves: dict, reference_acc: Optional[float], path: str, x_key: str, xlabel: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, c in curves.items():
+        ax.plot(c[x_key], c["accuracy"], marker="o", label=method)
+    if reference_acc is not None:
+        ax.axhline(reference_acc, color="gray", linestyle="--", label="reference")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("zero-shot top-1 (seed mean)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_diagnostics(diagnostics: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, rows in diagnostics.items():
+        rounds = [r["round"] for r in rows]
+        if rows and "noisy_share_selected" in rows[0]:
+            a.plot(rounds, [r["noisy_share_selected"] for r in rows], marker="o", label=method)
+        if rows and "learnability_selected" in rows[0]:
+            b.plot(rounds, [r["learnability_selected"] for r in rows], marker="o",
+                   label=f"{method} selected")
+            b.plot(rounds, [r["learnability_rejected"] for r in rows], linestyle="--",
+                   label=f"{method} rejected")
+    a.set_title("share of ground-truth noisy captions selected")
+    b.set_title("learnability (L_learner - L_ref) per example")
+    for ax in (a, b):
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(output: str, *, runs: dict, reference_eval: dict, noise_dir: Optional[str],
+                 settings: dict) -> dict:
+    """runs: {method: [run dirs, one per seed]}. Writes OUTPUT/{summary.json, table.md, *.png}."""
+    os.makedirs(output, exist_ok=True)
+    summaries = {m: [formats.read_json(os.path.join(d, "summary.json")) for d in dirs]
+                 for m, dirs in runs.items()}
+    curves = {m: seed_mean_curve(s) for m, s in summaries.items()}
+    diagnostics = {m: selection_diagnostics(dirs[0], noise_dir) for m, dirs in runs.items()}
+    reference_acc = reference_eval.get(METRIC)
+    summary = {"settings": settings, "reference_zero_shot": reference_acc,
+               "final_zero_shot": {m: c["accuracy"][-1] for m, c in curves.items()},
+               "curves": curves, "methods": {}}
+    for m in curves:
+        if m != "uniform" and "uniform" in curves:
+            summary["methods"][m] = speedups(curves["uniform"], curves[m])
+        rows = [r for r in diagnostics[m] if r.get("noisy_share_selected") is not None]
+        if rows:
+            summary.setdefault("noisy_share_selected", {})[m] = float(
+                np.mean([r["noisy_share_selected"] for r in rows]))
+    headline = summary["methods"].get("jest", {})
+    summary["examples_speedup"] = headline.get("examples_speedup")
+    summary["flops_speedup"] = headline.get("flops_speedup")
+    best_learner = max(summary["final_zero_shot"].values())
+    summary["learner_beats_reference"] = (reference_acc is not None
+                                          and summary["final_zero_shot"].get("jest", best_learner)
+                                          > reference_acc)
+    formats.write_json_atomic(os.path.join(output, "summary.json"), summary)
+    _plot(curves, reference_acc, os.path.join(output, "accuracy_vs_examples.png"),
+          "examples", "training examples seen")
+    _plot(curves, reference_acc, os.path.join(output, "accuracy_vs_flops.png"),
+          "total_flops", "FLOPs (training + scoring)")
+    _plot_diagnostics(diagnostics, os.path.join(output, "selection.png"))
+    with open(os.path.join(output, "table.md"), "w") as f:
+        f.write(render_table(summary))
+    return summary
+
+
+def _fmt(x, spec=".3f"):
+    return "never reached" if x is None else format(x, spec)
+
+
+def render_table(summary: dict) -> str:
+    lines = ["| method | final zero-shot | noisy share selected | examples speedup | "
+             "FLOPs speedup |", "| --- | --- | --- | --- | --- |"]
+    for m, acc in summary["final_zero_shot"].items():
+        sp = summary["methods"].get(m, {})
+        noisy = summary.get("noisy_share_selected", {}).get(m)
+        lines.append(f"| {m} | {acc:.3f} | {_fmt(noisy, '.2f')} | "
+                     f"{'1.00 (baseline)' if m == 'uniform' else _fmt(sp.get('examples_speedup'), '.2f')} | "
+                     f"{'1.00 (baseline)' if m == 'uniform' else _fmt(sp.get('flops_speedup'), '.2f')} |")
+    ref = summary.get("reference_zero_shot")
+    lines.append(f"\nreference model zero-shot: {_fmt(ref)}; "
+                 f"JEST learner beats reference: {summary.get('learner_beats_reference')}\n")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,256 @@
+"""`jest-curate rounds --config FILE --output DIR`: score → select → train, round by round.
+
+Semantics (also in the README):
+- The reference model embeds the pool once (cached by the embed stage); the pool the
+  rounds draw from is every uid the reference could embed.
+- A *pass* is a permutation of that pool by blake2b(seed, "pass", p, uid), cut into
+  super-batches of S. Round r takes the next K·S examples (K = steps per round) of the
+  current pass; when fewer than K super-batches remain, a new pass starts with a new
+  permutation (the leftover is reported, never silently reused).
+- Rescoring every k rounds: at a rescoring round r0 the learner checkpoint of step r0·K
+  embeds the slices of rounds r0..r0+k-1; those rounds record which checkpoint scored
+  them and how many steps stale it was. The learner's step-0 checkpoint scores round 0.
+- Every method, uniform included, runs the same select stage on the same slices, so data
+  consumption and code paths are equal; uniform simply needs no learner scoring.
+- The trainer continues one run across rounds (schedule over rounds·K steps, optimizer
+  state kept): round r trains steps r·K .. (r+1)·K on round r's curated shards.
+- Each round has its own directory with a marker per stage; a killed run resumes at the
+  first unfinished stage without redoing or duplicating work.
+
+Layout: DIR/config.json, DIR/reference_embeddings/ (unless shared), DIR/learner/
+(checkpoints), DIR/learner_embeddings/rNNNN/, DIR/rounds/rNNNN/{slice.parquet,
+scored_by.json, selection/, eval.json, round.json}, DIR/summary.json.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import posixpath
+from typing import Optional
+
+from jest_curate import formats
+from jest_curate import hashing
+from pipelines import embed as embed_stage
+from pipelines import select as select_stage
+from training import evaluate as evaluate_lib
+from training import model as model_lib
+from training import train as train_lib
+
+__all__ = ["plan_slices", "run_rounds", "run"]
+
+log = logging.getLogger(__name__)
+_NEEDS_LEARNER = {"jest", "independent", "independent-topk", "hard-learner"}
+
+
+def _round_dir(output: str, r: int) -> str:
+    return formats.join_url(output, "rounds", f"r{r:04d}")
+
+
+def pool_uids(embeddings_dir: Optional[str], corpus: str) -> list:
+    """The uids rounds may draw from: those the reference embedded (else the corpus)."""
+    root = embeddings_dir or corpus
+    uids = []
+    for shard in formats.list_shards(root):
+        uids += formats.read_shard(shard, columns=["uid"]).column("uid").to_pylist()
+    return sorted(uids)
+
+
+def plan_slices(uids: list, *, seed: int, super_batch_size: int, steps_per_round: int,
+                rounds: int) -> list:
+    """[(pass, uids of the round's slice)] for every round; see the module docstring."""
+    S, K = super_batch_size, steps_per_round
+    rounds_per_pass = (len(uids) // S) // K
+    if rounds_per_pass < 1:
+        raise ValueError(f"the pool has {len(uids)} usable examples, fewer than one round "
+                         f"needs (steps per round {K} x super-batch {S} = {K * S})")
+    slices, order = [], None
+    for r in range(rounds):
+        p, j = divmod(r, rounds_per_pass)
+        if j == 0:
+            order = sorted(uids, key=lambda u: (hashing.hash_u64("pass", seed, p, u), u))
+        slices.append((p, order[j * K * S:(j + 1) * K * S]))
+    return slices
+
+
+@dataclasses.dataclass(frozen=True)
+class _Paths:
+    output: str
+    reference_embeddings: str
+
+    def learner(self) -> str:
+        return formats.join_url(self.output, "learner")
+
+    def learner_embeddings(self, r0: int) -> str:
+        return formats.join_url(self.output, "learner_embeddings", f"r{r0:04d}")
+
+
+def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
+           uids: Optional[str], beam_args) -> dict:
+    argv = ["--corpus", cfg.pool, "--model", model, "--checkpoint", checkpoint,
+            "--output", output, "--precision", cfg.score_precision,
+            "--patch-dropout", str(cfg.score_patch_dropout), "--overwrite"]
+    if cfg.score_image_size:
+        argv += ["--image-size", str(cfg.score_image_size)]
+    if uids:
+        argv += ["--uids", uids]
+    embed_stage.run(argv + list(beam_args))
+    card = formats.read_model_card(output)
+    stats = formats.read_json(formats.join_url(output, "stats.json"))
+    return {"flops_per_example": card.flops_per_example, "embedded": stats["embedded"]}
+
+
+def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
+                  stop: int) -> train_lib.TrainConfig:
+    return train_lib.TrainConfig(
+        model=cfg.learner_model, output=paths.learner(), data=data,
+        data_format="curated", batch_size=cfg.batch_size,
+        total_steps=cfg.rounds * cfg.steps_per_round, stop_at_step=stop,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, seed=hashing.derive_seed(cfg.seed, "learner_init"),
+        precision=cfg.train_precision, resume=True, tensorboard=False)
+
+
+@functools.lru_cache(maxsize=2)
+def eval_data(url: str, max_examples: Optional[int]) -> evaluate_lib.EvalData:
+    """Decoded once per process; the first `max_examples` of each split when capped."""
+    data = evaluate_lib.load_eval_data(url)
+    if max_examples is None:
+        return data
+
+    def head(split):
+        if split is None:
+            return None
+        return dataclasses.replace(split, images=split.images[:max_examples],
+                                   captions=split.captions[:max_examples],
+                                   labels=split.labels[:max_examples])
+    return dataclasses.replace(data, zeroshot=head(data.zeroshot),
+                               retrieval=head(data.retrieval))
+
+
+def evaluate_checkpoint(checkpoint: str, data: evaluate_lib.EvalData) -> dict:
+    net, model_cfg, _, _ = model_lib.model_from_checkpoint(checkpoint)
+    contract = model_lib.preprocess_contract(model_cfg)
+    image_fn, text_fn = evaluate_lib.model_encoders(net, contract)
+    return evaluate_lib.evaluate_dir(image_fn, text_fn, data)
+
+
+def _evaluate(cfg: formats.RunConfig, checkpoint: str) -> dict:
+    return evaluate_checkpoint(checkpoint, eval_data(cfg.eval_data, cfg.eval_max_examples))
+
+
+def _run_round(cfg, paths, r, slices, beam_args) -> dict:
+    K, b = cfg.steps_per_round, cfg.batch_size
+    rdir = _round_dir(paths.output, r)
+    done_url = formats.join_url(rdir, "round.json")
+    if formats.exists(done_url):
+        return formats.read_json(done_url)
+    pass_index, slice_uids = slices[r]
+    slice_url = formats.join_url(rdir, "slice.parquet")
+    if not formats.exists(slice_url):
+        select_stage.write_uid_set(slice_url, slice_uids)
+
+    scored_by, learner_dir, scoring = None, None, {"flops": 0, "examples": 0}
+    if cfg.method in _NEEDS_LEARNER:
+        r0 = r - r % cfg.rescore_every
+        learner_dir = paths.learner_embeddings(r0)
+        checkpoint = train_lib.checkpoint_url(paths.learner(), r0 * K)
+        if r == r0:  # A rescoring round scores the slices of the next k rounds at once.
+            union_url = formats.join_url(learner_dir + "_uids.parquet")
+            rounds_scored = range(r0, min(r0 + cfg.rescore_every, cfg.rounds))
+            select_stage.write_uid_set(union_url, {u for q in rounds_scored
+                                                   for u in slices[q][1]})
+            emb = _embed(cfg, model=cfg.learner_model, checkpoint=checkpoint,
+                         output=learner_dir, uids=union_url, beam_args=beam_args)
+            scoring = {"flops": emb["flops_per_example"] * emb["embedded"],
+                       "examples": emb["embedded"]}
+        scored_by = {"checkpoint": posixpath.relpath(checkpoint, paths.output),
+                     "checkpoint_step": r0 * K,
+                     "round_start_step": r * K, "staleness_steps": (r - r0) * K}
+        formats.write_json_atomic(formats.join_url(rdir, "scored_by.json"), scored_by)
+
+    selection = formats.join_url(rdir, "selection")
+    if not formats.exists(formats.join_url(selection, "_SUCCESS")):
+        select_stage.run_select(select_stage.SelectConfig(
+            corpus=cfg.pool, output=selection, batch_size=b,
+            super_batch_size=cfg.resolved_super_batch_size, method=cfg.method,
+            chunks=cfg.chunks, temperature=cfg.temperature, seed=cfg.seed, round=r,
+            uids=slice_url, reference=paths.reference_embeddings
+            if cfg.method != "hard-learner" and cfg.method != "uniform" else None,
+            learner=learner_dir), beam_args)
+    select_stats = formats.read_json(formats.join_url(selection, "stats.json"))
+
+    trained = train_lib.train(_train_config(cfg, paths, formats.join_url(selection, "shards"),
+                                            (r + 1) * K))
+    record = {"round": r, "pass": pass_index, "slice_examples": len(slice_uids),
+              "scored_by": scored_by, "scoring_flops": scoring["flops"],
+              "scored_examples": scoring["examples"], "step": trained.step,
+              "checkpoint": trained.checkpoint, "examples_seen": trained.examples_seen,
+              "train_flops": trained.flops,
+              "selection": {k: select_stats.get(k) for k in (
+                  "selected", "rejected", "carried", "dead_lettered",
+                  "mean_batch_score_selected", "mean_batch_score_random")}}
+    if cfg.eval_data and ((r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1):
+        eval_url = formats.join_url(rdir, "eval.json")
+        if not formats.exists(eval_url):
+            formats.write_json_atomic(eval_url, _evaluate(cfg, trained.checkpoint))
+        record["eval"] = formats.read_json(eval_url)
+    formats.write_json_atomic(done_url, record)
+    return record
+
+
+def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Optional[str] = None,
+               beam_args=()) -> dict:
+    """Run (or resume) every round of `cfg` under `output`; returns summary.json's contents."""
+    if cfg.pool is None:
+        raise ValueError("the run config needs `pool` (the canonical corpus to curate)")
+    config_url = formats.join_url(output, "config.json")
+    if formats.exists(config_url):
+        if formats.RunConfig.from_json(formats.read_json(config_url)) != cfg:
+            raise ValueError(f"{output} holds a run with another config; pick another output")
+    else:
+        formats.write_json_atomic(config_url, cfg.to_json())
+    paths = _Paths(output, reference_embeddings or formats.join_url(output, "reference_embeddings"))
+    reference_flops = 0
+    if cfg.method != "hard-learner":
+        if cfg.reference_checkpoint is None:
+            raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
+                             "draws its pool from the reference embeddings)")
+        ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
+                     output=paths.reference_embeddings, uids=None, beam_args=beam_args)
+        if cfg.method != "uniform":  # Uniform consults no scores.
+            reference_flops = ref["flops_per_example"] * ref["embedded"]
+    uids = pool_uids(None if cfg.method == "hard-learner" else paths.reference_embeddings,
+                     cfg.pool)
+    slices = plan_slices(uids, seed=hashing.derive_seed(cfg.seed, "passes"),
+                         super_batch_size=cfg.resolved_super_batch_size,
+                         steps_per_round=cfg.steps_per_round, rounds=cfg.rounds)
+    if not formats.exists(train_lib.checkpoint_url(paths.learner(), 0)):
+        train_lib.train(_train_config(cfg, paths, None, 0))  # Step 0 scores round 0.
+    records = [_run_round(cfg, paths, r, slices, beam_args) for r in range(cfg.rounds)]
+    summary = {"name": cfg.name, "method": cfg.method, "seed": cfg.seed,
+               "reference_scoring_flops": reference_flops,
+               "passes": records[-1]["pass"] + 1, "rounds": []}
+    scoring = reference_flops
+    for rec in records:
+        scoring += rec["scoring_flops"]
+        summary["rounds"].append({
+            "round": rec["round"], "examples_seen": rec["examples_seen"],
+            "train_flops": rec["train_flops"], "scoring_flops_cumulative": scoring,
+            "total_flops": rec["train_flops"] + scoring,
+            "staleness_steps": (rec["scored_by"] or {}).get("staleness_steps"),
+            "eval": rec.get("eval")})
+    formats.write_json_atomic(formats.join_url(output, "summary.json"), summary)
+    return summary
+
+
+def run(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="jest-curate rounds", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="run config JSON (see configs/)")
+    p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
+    p.add_argument("--reference-embeddings", help="shared reference embeddings directory")
+    args, beam_args = p.parse_known_args(argv)
+    summary = run_rounds(formats.read_run_config(args.config), args.output,
+                         reference_embeddings=args.reference_embeddings, beam_args=beam_args)
+    print(json.dumps(summary["rounds"][-1]))
+    return 0

@@ -1,0 +1,144 @@
+"""Rounds: a tiny two-round run end to end, resume after a kill, reproducibility, report."""
+import dataclasses
+import hashlib
+import os
+
+import pytest
+import torch
+
+from jest_curate import demo_data
+from jest_curate import formats
+from jest_curate import report
+from pipelines import rounds
+from training import train as train_lib
+
+BEAM = ["--runner=FnApiRunner"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    data = str(root / "data")
+    demo_data.build_demo_corpus(data, seed=0, noise=0.5, pool_size=400, curated_size=96,
+                                eval_size=64, retrieval_size=32, shard_size=128)
+    ref = train_lib.train(train_lib.TrainConfig(
+        model="jest-vit-micro-28", output=str(root / "reference"),
+        data=os.path.join(data, "curated"), data_format="canonical", batch_size=16,
+        total_steps=3, precision="fp32", tensorboard=False))
+    cfg = formats.RunConfig(
+        name="tiny", seed=5, method="jest", batch_size=8, super_batch_size=40, chunks=4,
+        steps_per_round=2, rounds=2, learner_model="jest-vit-micro-28",
+        reference_model="jest-vit-micro-28", train_precision="fp32",
+        pool=os.path.join(data, "pool"), reference_checkpoint=ref.checkpoint,
+        eval_data=os.path.join(data, "eval"), eval_max_examples=32)
+    return root, data, cfg
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    root, _, cfg = setup
+    out = str(root / "run_a")
+    summary = rounds.run_rounds(cfg, out, beam_args=BEAM,
+                                reference_embeddings=str(root / "ref_emb"))
+    return out, summary
+
+
+def _digests(out, subdirs=("rounds",)):
+    result = {}
+    for sub in subdirs:
+        for dirpath, _, files in os.walk(os.path.join(out, sub)):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                result[os.path.relpath(path, out)] = hashlib.sha256(
+                    open(path, "rb").read()).hexdigest()
+    return result
+
+
+def test_plan_slices_passes_and_sizes():
+    uids = [f"{i:04x}" for i in range(100)]
+    slices = rounds.plan_slices(uids, seed=1, super_batch_size=10, steps_per_round=3, rounds=7)
+    # 10 super-batches per pass -> 3 rounds per pass; the 4th super-batch-triple starts pass 1.
+    assert [p for p, _ in slices] == [0, 0, 0, 1, 1, 1, 2]
+    assert all(len(s) == 30 for _, s in slices)
+    first_pass = [u for p, s in slices if p == 0 for u in s]
+    assert len(set(first_pass)) == 90  # No example twice within a pass.
+    assert slices[0][1] != slices[3][1]  # A new pass is a new permutation.
+    with pytest.raises(ValueError, match="fewer than one round"):
+        rounds.plan_slices(uids, seed=1, super_batch_size=40, steps_per_round=3, rounds=1)
+
+
+def test_tiny_run_writes_every_stage(setup, finished):
+    root, _, cfg = setup
+    out, summary = finished
+    for r in range(2):
+        rdir = os.path.join(out, "rounds", f"r{r:04d}")
+        for name in ("slice.parquet", "scored_by.json", "round.json", "eval.json",
+                     "selection/_SUCCESS", "selection/shards/sizes.json"):
+            assert os.path.exists(os.path.join(rdir, name)), name
+        stats = formats.read_json(os.path.join(rdir, "selection", "stats.json"))
+        assert stats["selected"] == cfg.batch_size * cfg.steps_per_round
+        assert stats["outside_slice"] + stats["selected"] + stats["rejected"] == stats["seen"]
+        scored = formats.read_json(os.path.join(rdir, "scored_by.json"))
+        assert scored["checkpoint_step"] == r * cfg.steps_per_round
+    ckpts = sorted(os.listdir(os.path.join(out, "learner", "checkpoints")))
+    assert {"step_00000000.pt", "step_00000002.pt", "step_00000004.pt"} <= set(ckpts)
+    assert [r["examples_seen"] for r in summary["rounds"]] == [16, 32]
+    assert summary["rounds"][-1]["total_flops"] > summary["rounds"][-1]["train_flops"] > 0
+    assert 0.0 <= summary["rounds"][-1]["eval"]["zeroshot_top1"] <= 1.0
+
+
+def test_killed_run_resumes_to_the_same_outputs(setup, finished, monkeypatch):
+    root, _, cfg = setup
+    out_a, _ = finished
+    out_b = str(root / "run_b")
+    real_train, calls = train_lib.train, []
+
+    def dies_in_round_1(config):
+        calls.append(config.stop)
+        if config.stop == 4:  # Round 1's training: selection is done, training is not.
+            raise KeyboardInterrupt("killed")
+        return real_train(config)
+
+    monkeypatch.setattr(train_lib, "train", dies_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        rounds.run_rounds(cfg, out_b, beam_args=BEAM, reference_embeddings=str(root / "ref_emb"))
+    assert os.path.exists(os.path.join(out_b, "rounds", "r0001", "selection", "_SUCCESS"))
+    assert not os.path.exists(os.path.join(out_b, "rounds", "r0001", "round.json"))
+    monkeypatch.setattr(train_lib, "train", real_train)
+    select_mtime = os.path.getmtime(os.path.join(out_b, "rounds", "r0001", "selection",
+                                                 "_SUCCESS"))
+    rounds.run_rounds(cfg, out_b, beam_args=BEAM, reference_embeddings=str(root / "ref_emb"))
+    # The finished selection stage was not redone...
+    assert os.path.getmtime(os.path.join(out_b, "rounds", "r0001", "selection",
+                                         "_SUCCESS")) == select_mtime
+    # ...and the resumed run equals the uninterrupted one (same seed: reproducible).
+    a, b = _digests(out_a), _digests(out_b)
+    assert a.keys() == b.keys()
+    differing = sorted(k for k in a if a[k] != b[k] and not k.endswith("round.json"))
+    assert differing == []
+    last_a = formats.load_checkpoint(os.path.join(out_a, "learner", "checkpoints",
+                                                  "step_00000004.pt"))
+    last_b = formats.load_checkpoint(os.path.join(out_b, "learner", "checkpoints",
+                                                  "step_00000004.pt"))
+    assert all(torch.equal(last_a.state_dict[k], last_b.state_dict[k]) for k in last_a.state_dict)
+
+
+def test_config_change_is_refused_and_report_is_written(setup, finished):
+    root, data, cfg = setup
+    out, _ = finished
+    with pytest.raises(ValueError, match="another config"):
+        rounds.run_rounds(dataclasses.replace(cfg, chunks=2), out, beam_args=BEAM,
+                          reference_embeddings=str(root / "ref_emb"))
+    uniform_out = str(root / "run_uniform")
+    rounds.run_rounds(dataclasses.replace(cfg, method="uniform"), uniform_out, beam_args=BEAM,
+                      reference_embeddings=str(root / "ref_emb"))
+    summary = report.write_report(
+        str(root / "report"), runs={"uniform": [uniform_out], "jest": [out]},
+        reference_eval={"zeroshot_top1": 0.1},
+        noise_dir=os.path.join(data, "ground_truth", "noise"), settings={})
+    for key in ("examples_speedup", "flops_speedup", "final_zero_shot", "reference_zero_shot",
+                "learner_beats_reference"):
+        assert key in summary
+    for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "selection.png"):
+        assert os.path.getsize(os.path.join(str(root / "report"), png)) > 1000
+    assert "uniform" in open(os.path.join(str(root / "report"), "table.md")).read()

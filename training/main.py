@@ -1,0 +1,156 @@
+"""`jest-curate train` and `jest-curate eval`: thin CLIs over training.train / evaluate.
+
+    # Reference model on the curated set (random batches from canonical shards):
+    jest-curate train --shards demo/curated --model jest-vit-tiny-32 \\
+        --output runs/reference --steps 2000 --batch-size 128
+    # Learner on curated WebDataset shards, in the order selection wrote them:
+    jest-curate train --shards runs/jest/round_000/shards --model jest-vit-tiny-32 \\
+        --output runs/jest/learner --steps 3000 --stop-at-step 1000 --resume
+    jest-curate eval --checkpoint runs/reference --eval-data demo/eval --output ref.json
+"""
+import argparse
+import json
+import logging
+import sys
+
+from jest_curate import formats
+from training import data as data_lib
+from training import evaluate
+from training import model as model_lib
+from training import train as train_lib
+
+__all__ = ["parse_train_args", "train_main", "parse_eval_args", "eval_main"]
+
+_MODEL_HELP = ("open_clip config name or JSON config file. Shipped CPU configs: "
+               + ", ".join(sorted(p.stem for p in model_lib.CONFIG_DIR.glob("*.json")))
+               + ". Full-size (GPU): ViT-B-32, ViT-B-16, ViT-B-16-SigLIP, ViT-L-14.")
+_USER_ERRORS = (FileNotFoundError, FileExistsError, formats.FormatError,
+                formats.CheckpointError, data_lib.DataError)
+
+
+def parse_train_args(argv):
+    p = argparse.ArgumentParser(prog="jest-curate train", description=__doc__.split("\n")[0])
+    p.add_argument("--shards", default=None,
+                   help="Training data URL: curated WebDataset shards (*.tar + sizes.json), read "
+                        "in written order, or a canonical parquet corpus, read in seeded random "
+                        "batches. Optional only with --stop-at-step 0.")
+    p.add_argument("--data-format", choices=("auto", "curated", "canonical"), default="auto")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--output", required=True, help="Run directory (checkpoints/, tensorboard/).")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Planned total steps of the whole run (the LR schedule spans them). "
+                        "Default for curated shards: all their batches.")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="Stop this invocation at this step (one round's slice of the run).")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="Examples per step; for curated shards, the selected sub-batch size b.")
+    p.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate.")
+    p.add_argument("--min-lr", type=float, default=0.0, help="Learning rate at the last step.")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.95)
+    p.add_argument("--grad-clip-norm", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="Seeds init, data order, resolution split.")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the hardware has native bf16, else fp32.")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="Checkpoint every N steps (step 0 and the last step always).")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue from the newest checkpoint in --output (start if none).")
+    p.add_argument("--low-res-size", type=int, default=None,
+                   help="Multi-resolution training: image size for part of each batch (ViT).")
+    p.add_argument("--low-res-fraction", type=float, default=0.0,
+                   help="Fraction of each batch trained at --low-res-size.")
+    p.add_argument("--window-shards", type=int, default=8,
+                   help="Canonical data: shards shuffled together (memory bound).")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    return p.parse_args(argv)
+
+
+def _train_config(args) -> train_lib.TrainConfig:
+    steps = args.steps
+    if steps is None:
+        if args.shards is None:
+            raise ValueError("--steps is required without --shards")
+        fmt = args.data_format
+        if fmt == "auto":
+            fmt = data_lib.detect_format(args.shards)
+        if fmt != "curated":
+            raise ValueError("--steps is required for canonical (random-batch) data")
+        steps = data_lib.CuratedShards(args.shards, batch_size=args.batch_size).num_batches
+    return train_lib.TrainConfig(
+        model=args.model, output=args.output, data=args.shards, batch_size=args.batch_size,
+        total_steps=steps, stop_at_step=args.stop_at_step, data_format=args.data_format,
+        learning_rate=args.lr, min_learning_rate=args.min_lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
+        grad_clip_norm=args.grad_clip_norm, seed=args.seed, precision=args.precision,
+        device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        low_res_size=args.low_res_size, low_res_fraction=args.low_res_fraction,
+        window_shards=args.window_shards, log_every=args.log_every,
+        tensorboard=args.tensorboard)
+
+
+def train_main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_train_args(argv)
+    try:
+        result = train_lib.train(_train_config(args))
+    except _USER_ERRORS + (ValueError,) as e:
+        print(f"jest-curate train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"step": result.step, "checkpoint": result.checkpoint,
+                      "examples_seen": result.examples_seen, "flops": result.flops,
+                      "loss": result.loss}))
+    return 0
+
+
+def parse_eval_args(argv):
+    p = argparse.ArgumentParser(prog="jest-curate eval",
+                                description="Zero-shot classification and retrieval metrics.")
+    p.add_argument("--checkpoint", required=True,
+                   help="A checkpoint file, or a training run directory (its newest checkpoint).")
+    p.add_argument("--model", default=None,
+                   help="Needed only for checkpoints without a config (open_clip_train's). "
+                        + _MODEL_HELP)
+    p.add_argument("--eval-data", required=True,
+                   help="Eval directory (classes.json, zeroshot/, retrieval/) or a demo root.")
+    p.add_argument("--output", default=None, help="Write the metrics JSON here too.")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p.parse_args(argv)
+
+
+def _resolve_checkpoint(url: str) -> str:
+    if url.endswith(".pt"):
+        return url
+    latest = train_lib.latest_checkpoint(url)
+    if latest is None:
+        raise FileNotFoundError(f"{url}: not a .pt file and no checkpoints/step_*.pt under it")
+    return latest
+
+
+def eval_main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_eval_args(argv)
+    try:
+        checkpoint = _resolve_checkpoint(args.checkpoint)
+        model, cfg, name, sha = model_lib.model_from_checkpoint(checkpoint, model=args.model)
+        step = formats.load_checkpoint(checkpoint).step
+        data = evaluate.load_eval_data(args.eval_data)
+    except _USER_ERRORS + (ValueError,) as e:
+        print(f"jest-curate eval: error: {e}", file=sys.stderr)
+        return 2
+    device = str(train_lib.resolve_device(args.device))
+    encode_image, encode_text = evaluate.model_encoders(
+        model, model_lib.preprocess_contract(cfg), device=device, precision=args.precision)
+    metrics = evaluate.evaluate_dir(encode_image, encode_text, data, batch_size=args.batch_size)
+    report = {"checkpoint": checkpoint, "checkpoint_sha256": sha, "step": step,
+              "model_name": name, "eval_data": data.url, "precision": args.precision, **metrics}
+    if args.output:
+        formats.write_json_atomic(args.output, report)
+    print(json.dumps(report, sort_keys=True))
+    return 0

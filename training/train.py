@@ -1,0 +1,422 @@
+"""The companion trainer: SigLIP contrastive training that one run continues across rounds.
+
+    result = train(TrainConfig(model="jest-vit-micro-28", output="runs/learner",
+                               data="curated/round_000", batch_size=64,
+                               total_steps=3000, stop_at_step=1000, resume=True))
+
+`total_steps` is the planned length of the whole run, so the warmup + cosine
+schedule spans every round; `stop_at_step` ends this call's slice. A fresh run
+writes a step-0 checkpoint before training, so the learner that scores round 0
+is exactly the one that trains. `resume=True` continues from the newest
+checkpoint in `output` with its optimizer, RNG and data position; on a CPU in
+fp32 a resumed run is bit-for-bit an uninterrupted one. The same code trains
+the reference model on canonical (random-batch) data.
+
+Loss: open_clip's `SigLipLoss` (Zhai et al. 2023) with the config's SigLIP
+initialisation of logit scale and bias. Multi-resolution (Flexi-JEST, Evans et
+al. 2024 sec. 4): a seeded `low_res_fraction` of every batch is seen at
+`low_res_size`, through the same ViT with its position grid resampled.
+"""
+import collections
+import dataclasses
+import logging
+import math
+import posixpath
+from typing import Optional
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import SigLipLoss
+from open_clip.transformer import VisionTransformer
+
+from jest_curate import formats, hashing
+from training import data as data_lib
+from training import model as model_lib
+from training.flops import StepFlops
+from training.schedule import warmup_cosine_lr
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "latest_checkpoint",
+           "checkpoint_url", "resolve_device", "resolve_precision"]
+
+log = logging.getLogger(__name__)
+
+# Fields that define a run; a resume or a next round must not change them.
+_RUN_FIELDS = ("batch_size", "total_steps", "learning_rate", "min_learning_rate",
+               "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip_norm",
+               "seed", "low_res_size", "low_res_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str  # Shipped/open_clip config name or JSON path.
+    output: str  # Run directory: checkpoints/, tensorboard/.
+    data: Optional[str]  # Curated tar shards or canonical corpus; None only to write step 0.
+    batch_size: int
+    total_steps: int  # Planned length of the whole run; the schedule spans it.
+    stop_at_step: Optional[int] = None  # End of this call's slice (default: total_steps).
+    data_format: str = "auto"  # auto | curated | canonical
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95  # SigLIP's choice for stable sigmoid-loss training.
+    eps: float = 1e-8
+    grad_clip_norm: Optional[float] = None
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 0  # Also checkpoint every N steps; 0: step 0 and the end only.
+    resume: bool = False
+    low_res_size: Optional[int] = None
+    low_res_fraction: float = 0.0
+    window_shards: int = 8  # Canonical data: shards shuffled together.
+    log_every: int = 10
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "total_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        stop = self.stop
+        if not 0 <= stop <= self.total_steps:
+            raise ValueError(f"stop_at_step must be in [0, total_steps={self.total_steps}], "
+                             f"got {stop}")
+        if self.data is None and stop > 0:
+            raise ValueError("data is required unless stop_at_step is 0")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be in [0, {self.total_steps}]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0.0 <= self.low_res_fraction <= 1.0:
+            raise ValueError(f"low_res_fraction must be in [0, 1], got {self.low_res_fraction}")
+        if (self.low_res_size is None) != (self.low_res_fraction == 0.0):
+            raise ValueError("multi-resolution needs both low_res_size and low_res_fraction > 0")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ValueError("checkpoint_every must be >= 0 and log_every >= 1")
+
+    @property
+    def stop(self) -> int:
+        return self.total_steps if self.stop_at_step is None else self.stop_at_step
+
+    def run_fields(self) -> dict:
+        return {name: getattr(self, name) for name in _RUN_FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int
+    checkpoint: str  # URL of the checkpoint at `step`.
+    examples_seen: int
+    flops: int  # Training FLOPs (forward + backward) accumulated over the run.
+    loss: Optional[float]  # Of the last step trained in this call.
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 autocast by default where the hardware runs it natively (AMX/AVX512-BF16, CUDA)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = [getattr(torch.cpu, name, lambda: False)()
+              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bf16" if any(native) else "fp32"
+
+
+def checkpoint_url(output: str, step: int) -> str:
+    return formats.join_url(output, "checkpoints", f"step_{step:08d}.pt")
+
+
+def latest_checkpoint(output: str) -> Optional[str]:
+    """The newest step_*.pt under OUTPUT/checkpoints (files appear atomically), or None."""
+    root = formats.join_url(output, "checkpoints")
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        return None
+    steps = sorted(int(name[5:-3]) for name in map(posixpath.basename, fs.ls(path, detail=False))
+                   if name.startswith("step_") and name.endswith(".pt") and name[5:-3].isdigit())
+    return checkpoint_url(output, steps[-1]) if steps else None
+
+
+def _resize_positions(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """A ViT's [1 + g*g, w] position table resampled to `grid`; differentiable.
+
+    Same interpolation as open_clip's `resize_pos_embed`, which the scorer uses to
+    load weights at a lower resolution, so training and scoring agree.
+    """
+    old = int(math.isqrt(pos.shape[0] - 1))
+    image = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=True,
+                          align_corners=False)
+    return torch.cat([pos[:1], image.permute(0, 2, 3, 1).reshape(grid * grid, -1)], dim=0)
+
+
+def _architecture(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "preprocess_cfg"}
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    # Gains, biases, class token and the logit scale/bias are not decayed (as open_clip_train).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0},
+         {"params": decay, "weight_decay": config.weight_decay}],
+        lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+class Trainer:
+    """Model, optimizer and counters of one run; `fit` trains up to a step."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.model_name, self.model_cfg = model_lib.load_model_config(config.model)
+        self.contract = model_lib.preprocess_contract(self.model_cfg)
+        torch.manual_seed(hashing.derive_seed(config.seed, "init"))
+        self.model = model_lib.build_model(self.model_cfg).to(self.device)
+        torch.manual_seed(hashing.derive_seed(config.seed, "train"))  # Dropout etc.
+        self.optimizer = _optimizer(self.model, config)
+        self.loss_fn = SigLipLoss()
+        self.low_res_contract = self._check_low_res() if config.low_res_size else None
+        self.step, self.examples_seen, self.flops = 0, 0, 0
+        self.flops_per_example_train = None
+        self.dropped = collections.Counter()
+        self.data_position = {"url": None, "batches": 0}  # Batches consumed from `url`.
+        self._step_flops = StepFlops()
+        self._writer = None
+
+    def _check_low_res(self) -> formats.Preprocess:
+        visual, size = self.model.visual, self.config.low_res_size
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"multi-resolution training needs a ViT image tower; "
+                             f"{self.model_name} has {type(visual).__name__}")
+        patch, full = visual.patch_size[0], visual.image_size[0]
+        if size % patch or not patch <= size < full:
+            raise ValueError(f"low_res_size must be a multiple of the patch size {patch} "
+                             f"below the model's {full} px, got {size}")
+        return model_lib.preprocess_contract(self.model_cfg, image_size=size)
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self) -> str:
+        url = checkpoint_url(self.config.output, self.step)
+        extra = {
+            "run": self.config.run_fields(), "examples_seen": self.examples_seen,
+            "flops": self.flops, "flops_per_example_train": self.flops_per_example_train,
+            "dropped": dict(self.dropped), "data_position": self.data_position,
+            "precision": self.precision,
+            "torch_rng_state": torch.get_rng_state().tolist(),
+        }
+        if self.device.type == "cuda":
+            extra["cuda_rng_state"] = torch.cuda.get_rng_state(self.device).tolist()
+        c = self.config
+        sha = formats.save_checkpoint(url, formats.Checkpoint(
+            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            step=self.step, model_cfg=self.model_cfg, model_name=self.model_name,
+            optimizer=self.optimizer.state_dict(), extra=extra,
+            scheduler={"kind": "warmup_cosine", "base_lr": c.learning_rate,
+                       "min_lr": c.min_learning_rate, "warmup_steps": c.warmup_steps,
+                       "total_steps": c.total_steps}))
+        formats.write_json_atomic(formats.join_url(c.output, "checkpoints", "latest.json"), {
+            "step": self.step, "checkpoint": posixpath.basename(url), "sha256": sha,
+            "model_name": self.model_name, "examples_seen": self.examples_seen,
+            "flops": self.flops, "flops_per_example_train": self.flops_per_example_train})
+        log.info("step %d: checkpoint %s", self.step, url)
+        return url
+
+    def restore(self, url: str) -> None:
+        """Continue from a checkpoint of this same run (model, schedule, seed, batch size)."""
+        ckpt = formats.load_checkpoint(url)
+        if ckpt.model_cfg is None or _architecture(ckpt.model_cfg) != _architecture(
+                self.model_cfg):
+            raise formats.CheckpointError(
+                f"{url}: was trained with another model config than {self.config.model!r}")
+        extra = ckpt.extra or {}
+        saved, wanted = extra.get("run"), self.config.run_fields()
+        if saved is None or ckpt.optimizer is None:
+            raise formats.CheckpointError(f"{url}: lacks training state; not a trainer "
+                                          "checkpoint, so it cannot be resumed")
+        changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        if changed:
+            raise formats.CheckpointError(f"{url}: resuming would change the run's settings "
+                             f"(checkpoint, requested): {changed}")
+        model_lib.load_weights(self.model, ckpt.state_dict, source=url)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.step = ckpt.step
+        self.examples_seen, self.flops = extra["examples_seen"], extra["flops"]
+        self.flops_per_example_train = extra.get("flops_per_example_train")
+        self.dropped = collections.Counter(extra.get("dropped", {}))
+        self.data_position = dict(extra["data_position"])
+        torch.set_rng_state(torch.tensor(extra["torch_rng_state"], dtype=torch.uint8))
+        if self.device.type == "cuda" and "cuda_rng_state" in extra:
+            torch.cuda.set_rng_state(torch.tensor(extra["cuda_rng_state"], dtype=torch.uint8),
+                                     self.device)
+        log.info("resumed %s at step %d", url, self.step)
+
+    # ----------------------------------------------------------------- training
+    def _encode_images(self, images: torch.Tensor, low_res: bool) -> torch.Tensor:
+        if not low_res:
+            return self.model.encode_image(images, normalize=True)
+        visual = self.model.visual
+        grid = images.shape[-1] // visual.patch_size[0]
+        positions = _resize_positions(visual.positional_embedding, grid)
+        features = torch.func.functional_call(visual, {"positional_embedding": positions},
+                                              (images,))
+        return F.normalize(features, dim=-1)
+
+    def _split_resolutions(self, examples):
+        """(full-resolution, low-resolution) examples; the split is seeded by the step."""
+        if self.low_res_contract is None:
+            return examples, []
+        n_low = round(self.config.low_res_fraction * len(examples))
+        rng = np.random.default_rng(hashing.derive_seed(self.config.seed, "low_res", self.step))
+        low = set(rng.permutation(len(examples))[:n_low].tolist())
+        return ([e for i, e in enumerate(examples) if i not in low],
+                [e for i, e in enumerate(examples) if i in low])
+
+    def train_step(self, examples) -> float:
+        full_examples, low_examples = self._split_resolutions(examples)
+        parts = [(data_lib.prepare_batch(full_examples, self.contract), False)]
+        if low_examples:
+            parts.append((data_lib.prepare_batch(low_examples, self.low_res_contract), True))
+        parts = [(b, low) for b, low in parts if b.uids or b.dropped]
+        for batch, _ in parts:
+            for reason, uids in batch.dropped.items():
+                self.dropped[reason] += len(uids)
+                log.warning("step %d: dropped %d example(s) (%s): %s", self.step, len(uids),
+                            reason, uids[:10])
+        parts = [(b, low) for b, low in parts if b.uids]
+        if not parts:
+            raise data_lib.DataError(f"step {self.step}: every example of the batch was "
+                                     "unusable")
+        n = sum(len(b.uids) for b, _ in parts)
+        tokens = torch.cat([b.tokens for b, _ in parts]).to(self.device)
+        lr = warmup_cosine_lr(self.step, base_lr=self.config.learning_rate,
+                              warmup_steps=self.config.warmup_steps,
+                              total_steps=self.config.total_steps,
+                              min_lr=self.config.min_learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        def forward_backward():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
+                image = torch.cat([self._encode_images(b.images.to(self.device), low)
+                                   for b, low in parts])
+                text = self.model.encode_text(tokens, normalize=True)
+            # The loss in fp32: bf16 logits near the -10 bias would lose the signal.
+            loss = self.loss_fn(image.float(), text.float(), self.model.logit_scale.exp(),
+                                self.model.logit_bias)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+
+        shape_key = tuple((tuple(b.images.shape), low) for b, low in parts) + (tokens.shape,)
+        loss, flops = self._step_flops.run(shape_key, forward_backward)
+        if self.config.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+        self.optimizer.step()
+        with torch.no_grad():  # As open_clip_train: keep t = exp(t') <= 100.
+            self.model.logit_scale.clamp_(0, math.log(100))
+        self.step += 1
+        self.examples_seen += n
+        self.flops += flops
+        self.flops_per_example_train = flops / n
+        loss_value = float(loss.detach())
+        self._log_scalars(loss_value, lr)
+        return loss_value
+
+    def _log_scalars(self, loss: float, lr: float) -> None:
+        if self.step % self.config.log_every == 0 or self.step == 1:
+            log.info("step %d/%d loss %.4f lr %.2e examples %d GFLOPs %.1f", self.step,
+                     self.config.total_steps, loss, lr, self.examples_seen, self.flops / 1e9)
+        if self._writer is None:
+            return
+        t, b = model_lib.logit_params(self.model)
+        for name, value in (("loss", loss), ("lr", lr), ("examples_seen", self.examples_seen),
+                            ("flops", self.flops), ("logit_scale", t), ("logit_bias", b)):
+            self._writer.add_scalar(f"train/{name}", value, self.step)
+
+    def _open_writer(self) -> None:
+        fs, path = fsspec.core.url_to_fs(self.config.output)
+        if not self.config.tensorboard:
+            return
+        if "file" not in fs.protocol and "local" not in fs.protocol:
+            log.warning("TensorBoard scalars are written for local outputs only; skipping")
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops events a crashed run logged after its last checkpoint.
+        self._writer = SummaryWriter(posixpath.join(path, "tensorboard"),
+                                     purge_step=self.step or None)
+
+    def fit(self, source, stop_at_step: int) -> Optional[float]:
+        """Train on `source` (CuratedShards/CanonicalBatches) until `stop_at_step`."""
+        url = source.url.rstrip("/")
+        if self.data_position["url"] != url:
+            if self.data_position["url"] is not None:
+                log.info("new data source %s (was %s): starting at its first batch", url,
+                         self.data_position["url"])
+            self.data_position = {"url": url, "batches": 0}  # E.g. the next round's shards.
+        start, needed = self.data_position["batches"], stop_at_step - self.step
+        if source.num_batches is not None and start + needed > source.num_batches:
+            raise data_lib.DataError(
+                f"{url}: {source.num_batches - start} batches of {source.batch_size} left "
+                f"after batch {start}, but steps {self.step}..{stop_at_step} need {needed}")
+        self.model.train()
+        self._open_writer()
+        loss = None
+        try:
+            batches = source.batches(start)
+            while self.step < stop_at_step:
+                loss = self.train_step(next(batches))
+                self.data_position["batches"] += 1
+                every = self.config.checkpoint_every
+                if (every and self.step % every == 0) or self.step == stop_at_step:
+                    self.save()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        return loss
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Start (writing step 0) or resume a run, and train it up to `config.stop`."""
+    trainer = Trainer(config)
+    latest = latest_checkpoint(config.output)
+    if latest is not None:
+        if not config.resume:
+            raise FileExistsError(f"{config.output} already holds checkpoints (newest "
+                                  f"{latest}); pass resume to continue it or pick another "
+                                  "output")
+        trainer.restore(latest)
+        if trainer.step > config.stop:
+            raise formats.CheckpointError(f"{latest} is at step {trainer.step}, past stop_at_step "
+                             f"{config.stop}")
+    else:
+        if config.resume:
+            log.info("nothing to resume in %s: starting a new run", config.output)
+        latest = trainer.save()  # Step 0: the learner that scores round 0.
+    loss = None
+    if trainer.step < config.stop:
+        source = data_lib.open_source(config.data, data_format=config.data_format,
+                                      batch_size=config.batch_size,
+                                      seed=hashing.derive_seed(config.seed, "train_data"),
+                                      window_shards=config.window_shards)
+        loss = trainer.fit(source, config.stop)
+        latest = checkpoint_url(config.output, trainer.step)
+    return TrainResult(step=trainer.step, checkpoint=latest, examples_seen=trainer.examples_seen,
+                       flops=trainer.flops, loss=loss)
