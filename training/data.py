@@ -101,8 +101,9 @@ class CuratedShards:
                 isinstance(v, int) and v >= 0 for v in sizes.values()):
             raise DataError(f"{url}/sizes.json: expected {{\"00000.tar\": count, ...}}")
         fs, path = fsspec.core.url_to_fs(url)
-        on_disk = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False)
-                         if p.endswith(".tar"))
+        names = (posixpath.basename(p) for p in fs.ls(path, detail=False))
+        # "_tmp.*" files are atomic writes in flight (formats.write_bytes_atomic).
+        on_disk = sorted(n for n in names if n.endswith(".tar") and not n.startswith("_"))
         if sorted(sizes) != on_disk:
             raise DataError(f"{url}: sizes.json lists {sorted(sizes)} but the directory "
                             f"holds {on_disk}")

@@ -4,6 +4,7 @@ Counts come from `torch.utils.flop_counter.FlopCounterMode`, which intercepts
 matmuls, convolutions and attention as they run; the count does not change the
 computation, so a step can be measured while it trains.
 """
+import contextlib
 from typing import Callable, Hashable, Tuple, TypeVar
 
 import torch
@@ -14,9 +15,21 @@ __all__ = ["count_flops", "StepFlops", "forward_flops"]
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def _mha_fastpath_disabled():
+    # In eval mode nn.MultiheadAttention runs one fused kernel the counter cannot see
+    # into, which would hide a ViT's attention; the unfused path computes the same thing.
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def count_flops(fn: Callable[[], T]) -> Tuple[T, int]:
     """(fn(), FLOPs it executed), counting backward passes run inside `fn` too."""
-    with FlopCounterMode(display=False) as counter:
+    with _mha_fastpath_disabled(), FlopCounterMode(display=False) as counter:
         result = fn()
     return result, int(counter.get_total_flops())
 

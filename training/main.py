@@ -13,6 +13,8 @@ import json
 import logging
 import sys
 
+import torch
+
 from jest_curate import formats
 from training import data as data_lib
 from training import evaluate
@@ -29,7 +31,10 @@ _USER_ERRORS = (FileNotFoundError, FileExistsError, formats.FormatError,
 
 
 def parse_train_args(argv):
-    p = argparse.ArgumentParser(prog="jest-curate train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="jest-curate train",
+        description="Train a learner or reference model with the SigLIP loss (AdamW, warmup + "
+                    "cosine over --steps); resumable and continuable across rounds.")
     p.add_argument("--shards", default=None,
                    help="Training data URL: curated WebDataset shards (*.tar + sizes.json), read "
                         "in written order, or a canonical parquet corpus, read in seeded random "
@@ -55,6 +60,8 @@ def parse_train_args(argv):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 on a busy shared CPU).")
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="Checkpoint every N steps (step 0 and the last step always).")
     p.add_argument("--resume", action="store_true",
@@ -87,7 +94,8 @@ def _train_config(args) -> train_lib.TrainConfig:
         learning_rate=args.lr, min_learning_rate=args.min_lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
         grad_clip_norm=args.grad_clip_norm, seed=args.seed, precision=args.precision,
-        device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        device=args.device, num_threads=args.num_threads,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
         low_res_size=args.low_res_size, low_res_fraction=args.low_res_fraction,
         window_shards=args.window_shards, log_every=args.log_every,
         tensorboard=args.tensorboard)
@@ -121,6 +129,7 @@ def parse_eval_args(argv):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads.")
     return p.parse_args(argv)
 
 
@@ -136,6 +145,8 @@ def _resolve_checkpoint(url: str) -> str:
 def eval_main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_eval_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     try:
         checkpoint = _resolve_checkpoint(args.checkpoint)
         model, cfg, name, sha = model_lib.model_from_checkpoint(checkpoint, model=args.model)

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None  # torch CPU threads (default: torch's choice).
     checkpoint_every: int = 0  # Also checkpoint every N steps; 0: step 0 and the end only.
     resume: bool = False
     low_res_size: Optional[int] = None
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"low_res_fraction must be in [0, 1], got {self.low_res_fraction}")
         if (self.low_res_size is None) != (self.low_res_fraction == 0.0):
             raise ValueError("multi-resolution needs both low_res_size and low_res_fraction > 0")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.checkpoint_every < 0 or self.log_every < 1:
             raise ValueError("checkpoint_every must be >= 0 and log_every >= 1")
 
@@ -182,6 +185,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        if config.num_threads:  # Process-wide; on a shared CPU fewer threads stall less.
+            torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.model_name, self.model_cfg = model_lib.load_model_config(config.model)
@@ -251,8 +256,8 @@ class Trainer:
                                           "checkpoint, so it cannot be resumed")
         changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
         if changed:
-            raise formats.CheckpointError(f"{url}: resuming would change the run's settings "
-                             f"(checkpoint, requested): {changed}")
+            raise formats.CheckpointError(f"{url}: resuming would change the run's "
+                                          f"settings (checkpoint, requested): {changed}")
         model_lib.load_weights(self.model, ckpt.state_dict, source=url)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.step = ckpt.step
@@ -292,7 +297,6 @@ class Trainer:
         parts = [(data_lib.prepare_batch(full_examples, self.contract), False)]
         if low_examples:
             parts.append((data_lib.prepare_batch(low_examples, self.low_res_contract), True))
-        parts = [(b, low) for b, low in parts if b.uids or b.dropped]
         for batch, _ in parts:
             for reason, uids in batch.dropped.items():
                 self.dropped[reason] += len(uids)
@@ -404,8 +408,8 @@ def train(config: TrainConfig) -> TrainResult:
                                   "output")
         trainer.restore(latest)
         if trainer.step > config.stop:
-            raise formats.CheckpointError(f"{latest} is at step {trainer.step}, past stop_at_step "
-                             f"{config.stop}")
+            raise formats.CheckpointError(f"{latest} is at step {trainer.step}, past "
+                                          f"stop_at_step {config.stop}")
     else:
         if config.resume:
             log.info("nothing to resume in %s: starting a new run", config.output)
