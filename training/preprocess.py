@@ -6,6 +6,7 @@ normalise with the contract's mean/std. Captions: open_clip's BPE tokenizer, whi
 ships inside the open_clip package, padded/truncated to `context_length`.
 """
 import io
+import re
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +25,14 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(e: Exception) -> str:
+    """The error without memory addresses, so dead-letter files are reproducible."""
+    return _ADDRESS.sub("", f"{type(e).__name__}: {e}")
+
+
 class ImageDecodeError(ValueError):
     """The bytes are not an image we can use; `reason` is a short code."""
 
@@ -38,7 +47,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many types for garbage input.
-        raise ImageDecodeError("undecodable_image", f"{type(e).__name__}: {e}") from None
+        raise ImageDecodeError("undecodable_image", _describe(e)) from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageDecodeError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
@@ -46,7 +55,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         img.load()
         return img.convert("RGB")
     except Exception as e:
-        raise ImageDecodeError("undecodable_image", f"{type(e).__name__}: {e}") from None
+        raise ImageDecodeError("undecodable_image", _describe(e)) from None
 
 
 def _to_array(img: Image.Image, contract: formats.Preprocess) -> np.ndarray:
