@@ -151,9 +151,8 @@ def joint_select(inputs: scores.ScoringInputs, *, kind: scores.ScoreKind = "lear
     _check_generator(generator)
     _check_compute_dtype(compute_dtype)
     diagonal = scores.score_diagonal(inputs, kind=kind).double()
-    # Cast once, not per chunk: each chunk re-reads all S rows.
-    cast_inputs = dataclasses.replace(inputs, learner=_cast(inputs.learner, compute_dtype),
-                                      reference=_cast(inputs.reference, compute_dtype))
+    # Cast and laid out once, not per chunk: each chunk re-reads all S rows.
+    operands = scores.cross_score_operands(inputs, kind=kind, compute_dtype=compute_dtype)
     conditional = torch.zeros(inputs.size, dtype=torch.float64)
     selected = torch.zeros(inputs.size, dtype=torch.bool)
     picked_chunks, picked_logits, recorded = [], [], []
@@ -167,8 +166,7 @@ def joint_select(inputs: scores.ScoringInputs, *, kind: scores.ScoreKind = "lear
         if record_logits:
             recorded.append(logits)
         if chunk_index < len(sizes) - 1:  # The last chunk conditions nothing.
-            conditional += scores.cross_score_sums(cast_inputs, kind=kind, chunk=picked,
-                                                   compute_dtype=compute_dtype).double()
+            conditional += scores.cross_score_sums(operands, chunk=picked).double()
     chunk_ids = [torch.full((len(p),), i, dtype=torch.int32) for i, p in enumerate(picked_chunks)]
     return Selection(indices=torch.cat(picked_chunks), chunk=torch.cat(chunk_ids),
                      score=torch.cat(picked_logits).float(),
@@ -247,13 +245,6 @@ def select(inputs: scores.ScoringInputs, *, method: str, batch_size: int,
     if method == "uniform":
         return uniform_select(inputs, batch_size=batch_size, generator=generator)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-
-
-def _cast(pair: scores.EmbeddingPair | None, dtype: torch.dtype) -> scores.EmbeddingPair | None:
-    if pair is None:
-        return None
-    return dataclasses.replace(pair, image=pair.image.to(dtype).contiguous(),
-                               text=pair.text.to(dtype).contiguous())
 
 
 def _loss_diagonal(pair: scores.EmbeddingPair | None, size: int) -> torch.Tensor:

@@ -159,8 +159,23 @@ def score_matrix(inputs: ScoringInputs, *, kind: ScoreKind) -> torch.Tensor:
     return score_block(inputs, kind=kind, rows=everyone, cols=everyone)
 
 
-def cross_score_sums(inputs: ScoringInputs, *, kind: ScoreKind, chunk: torch.Tensor,
-                     compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def cross_score_operands(inputs: ScoringInputs, *, kind: ScoreKind,
+                         compute_dtype: torch.dtype = torch.float32,
+                         ) -> list[tuple[losses.CrossOperands, float]]:
+    """[(operands, sign)] for `cross_score_sums`, prepared once per super-batch.
+
+    Only the models that `kind` uses are prepared (cast to `compute_dtype`, see
+    `losses.prepare_cross_operands`).
+    """
+    return [(losses.prepare_cross_operands(image=pair.image, text=pair.text,
+                                           logit_scale=pair.logit_scale,
+                                           logit_bias=pair.logit_bias,
+                                           compute_dtype=compute_dtype), sign)
+            for pair, sign in signed_models(inputs, kind=kind)]
+
+
+def cross_score_sums(operands: list[tuple[losses.CrossOperands, float]], *,
+                     chunk: torch.Tensor) -> torch.Tensor:
     """sum_{j in chunk} (A_ij + A_ji) for every candidate i not in `chunk`.
 
     This is what adding `chunk` to the batch adds to each remaining candidate's
@@ -168,17 +183,16 @@ def cross_score_sums(inputs: ScoringInputs, *, kind: ScoreKind, chunk: torch.Ten
     FLOPs per model and no S x S memory (see `losses.siglip_cross_loss_sums`).
 
     Args:
+      operands: from `cross_score_operands`.
       chunk: [k] int64 indices already selected.
-      compute_dtype: torch.float32 or torch.bfloat16 for the matmuls.
 
     Returns:
       [S] float32.
     """
-    total = torch.zeros(inputs.size, dtype=torch.float32)
-    for pair, sign in signed_models(inputs, kind=kind):
-        total += sign * losses.siglip_cross_loss_sums(
-            image=pair.image, text=pair.text, chunk=chunk, logit_scale=pair.logit_scale,
-            logit_bias=pair.logit_bias, compute_dtype=compute_dtype)
+    total = None
+    for model_operands, sign in operands:
+        sums = losses.siglip_cross_loss_sums(model_operands, chunk=chunk)
+        total = sign * sums if total is None else total.add_(sums, alpha=sign)
     return total
 
 
