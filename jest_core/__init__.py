@@ -6,7 +6,7 @@ Pure numpy/torch (no Beam, no I/O). `select` is the entry point; see
 from jest_core.losses import (CrossOperands, prepare_cross_operands, siglip_cross_loss_sums,
                               siglip_logits, siglip_loss_block, siglip_loss_diagonal,
                               siglip_loss_matrix)
-from jest_core.sampler import (METHODS, Selection, chunk_sizes, effective_filter_ratio,
+from jest_core.sampler import (METHODS, Selection, chunk_sizes, effective_filter_ratio, score_kind,
                                gumbel_noise, gumbel_top_k, independent_select, joint_select,
                                select, super_batch_size, uniform_select)
 from jest_core.scores import (SCORE_KINDS, EmbeddingPair, ScoreKind, ScoringInputs,

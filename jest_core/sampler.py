@@ -72,6 +72,13 @@ class Selection:
     chunk_logits: torch.Tensor | None = None
 
 
+def score_kind(method: str) -> str:
+    """The score a method ranks by; non-joint methods report learnability."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return _JOINT_KINDS.get(method, "learnability")
+
+
 def super_batch_size(batch_size: int, filter_ratio: float) -> int:
     """S = round(b / (1 - f)): the super-batch that filters a fraction f to keep b."""
     _check_positive_int("batch_size", batch_size)

@@ -273,11 +273,23 @@ def remove_shard(root: str, shard_id: str) -> None:
 
 
 def read_shard(shard: "ShardInfo | str", *, schema: Optional[pa.Schema] = None,
-               columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """Read a whole shard, checking its schema and committed row count."""
+               columns: Optional[Sequence[str]] = None, verify_sha256: bool = False) -> pa.Table:
+    """Read a whole shard, checking its schema and committed row count.
+
+    `verify_sha256` (needs a ShardInfo) also checks the file's bytes against its commit
+    marker: parquet has no checksums, and most flipped bits decode to wrong values.
+    """
     url = shard.url if isinstance(shard, ShardInfo) else shard
+    if verify_sha256 and not isinstance(shard, ShardInfo):
+        raise ValueError(f"{url}: verify_sha256 needs the shard's ShardInfo (commit marker)")
     try:
         with fsspec.open(url, "rb") as f:
+            if verify_sha256:
+                data = f.read()
+                if hashing.sha256_bytes(data) != shard.sha256:
+                    raise FormatError(f"{url}: bytes do not match the sha256 in its commit "
+                                      "marker (corrupted or replaced after it was written)")
+                f = pa.BufferReader(data)
             table = pq.read_table(f, columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):
@@ -349,9 +361,13 @@ def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings, *,
 
 def read_embeddings_shard(shard: "ShardInfo | str", *,
                           expect_model_digest: Optional[str] = None) -> Embeddings:
-    """Read one embeddings shard; refuse NaNs and another model's embeddings."""
+    """Read one embeddings shard; refuse NaNs and another model's embeddings.
+
+    Given a ShardInfo (from `committed_shard`/`list_shards`), the bytes are also checked
+    against the commit marker's sha256.
+    """
     url = shard.url if isinstance(shard, ShardInfo) else shard
-    table = read_shard(shard)
+    table = read_shard(shard, verify_sha256=isinstance(shard, ShardInfo))
     md = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if md.get("jest.schema") != "embeddings/v1":
         raise FormatError(f"{url}: not an embeddings shard (schema {md.get('jest.schema')!r})")
@@ -435,7 +451,9 @@ class ModelCard:
         return hashing.blake2b_fields(
             "model", json.dumps(self.model_cfg, sort_keys=True), self.checkpoint_sha256,
             json.dumps(dataclasses.asdict(self.preprocess), sort_keys=True),
-            repr(float(self.patch_dropout)), self.precision).hex()
+            repr(float(self.patch_dropout)), self.precision,
+            # Selection reads t and b from here: an edit must not pass unnoticed.
+            repr(float(self.logit_scale)), repr(float(self.logit_bias))).hex()
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

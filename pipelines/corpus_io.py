@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from jest_curate import formats, hashing
+from pipelines import faults
 
 __all__ = ["ReadCorpus", "AssignShards", "WriteCorpus", "shard_of"]
 
@@ -172,6 +173,8 @@ class _WriteShard(beam.DoFn):
         table = _sorted_table(list(batches), self._sort_by, self._schema)
         info = formats.write_shard(self._root, shard_id, table, schema=self._schema,
                                    metadata=self._metadata)
+        # Committed but not yet acknowledged: a retry must rewrite the same bytes.
+        faults.maybe_fail("corpus_io.write_shard", (self._root, shard_id))
         self._shards.inc()
         self._rows.inc(info.num_rows)
         yield info

@@ -31,6 +31,7 @@ class ReferenceConfig:
     batch_size: int
     learning_rate: float = 1e-3
     warmup_steps: int = 0
+    precision: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ def _reference(cfg: DemoConfig, data: str, out: str) -> tuple:
     result = train_lib.train(train_lib.TrainConfig(
         model=ref.model, output=out, data=formats.join_url(data, "curated"),
         data_format="canonical", batch_size=ref.batch_size, total_steps=ref.steps,
-        learning_rate=ref.learning_rate, warmup_steps=ref.warmup_steps,
+        learning_rate=ref.learning_rate, warmup_steps=ref.warmup_steps, precision=ref.precision,
         seed=hashing.derive_seed(cfg.data_seed, "reference_init"), resume=True,
         tensorboard=False))
     eval_url = os.path.join(out, "eval.json")

@@ -43,6 +43,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.utils import shared
 
 from jest_curate import formats
+from pipelines import faults
 from training import scoring
 
 __all__ = ["EmbedCorpus", "OutputConflictError", "run", "main"]
@@ -129,6 +130,8 @@ def _cached_counts(output: str, shard: formats.ShardInfo, digest: str, uids_sha:
         if (md.get("jest.model_digest") != digest
                 or md.get("jest.corpus_shard_sha256") != shard.sha256
                 or md.get(_UIDS_KEY, "") != uids_sha):
+            return None
+        if formats.sha256_file(info.url) != info.sha256:  # Corrupted since: re-embed.
             return None
     return _shard_stats(shard, embedded.num_rows, dead.num_rows)
 
@@ -277,6 +280,7 @@ class _EmbedBatches(beam.DoFn):
 
     def process(self, element):
         shard, offset, batch, not_requested = element
+        faults.maybe_fail("embed.embed_batch", (shard.shard_id, offset))
         start = time.perf_counter()
         uids = batch.column("uid").to_pylist()
         locations = batch.column("source_location").to_pylist()
@@ -341,6 +345,8 @@ class _WriteShard(beam.DoFn):
                             schema=formats.DEAD_LETTER_SCHEMA, metadata={
                                 **restricted, "jest.model_digest": self._digest,
                                 "jest.corpus_shard_sha256": shard.sha256})
+        # Dead letters are committed, embeddings not yet: a crash here is mid-shard.
+        faults.maybe_fail("embed.write_shard", (self._digest, shard_id))
         formats.write_embeddings_shard(self._output, shard_id, formats.Embeddings(
             uids=uids, image=stack("image"), text=stack("text"), model_digest=self._digest,
             corpus_shard_sha256=shard.sha256), metadata=restricted)

@@ -37,7 +37,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from jest_curate import formats
-from pipelines import dedup, ingest_readers, tar_stream, validate
+from pipelines import dedup, faults, ingest_readers, tar_stream, validate
 from pipelines.corpus_io import AssignShards, WriteCorpus
 from pipelines.ingest_readers import RawExample, ReadConfig
 
@@ -129,6 +129,7 @@ class _ReadAndValidate(beam.DoFn):
 
     def process(self, element):
         index, item = element
+        faults.maybe_fail("ingest.read", element)
         read_cfg = self._cfg.inputs[index]
         for examples in READERS[read_cfg.format].read(item, read_cfg):
             corpus, dead, stats = validate.validate_examples(

@@ -37,6 +37,7 @@ from jest_core import sampler
 from jest_core import scores
 from jest_curate import formats
 from jest_curate import hashing
+from pipelines import faults
 
 __all__ = ["SelectConfig", "JoinEmbeddings", "AssignSuperBatches", "SelectSubBatches",
            "WriteCuratedShards", "WriteManifest", "CurateRound", "run"]
@@ -46,7 +47,6 @@ _BUCKET_TARGET_ROWS = 16384
 _NEEDS = {"jest": ("reference", "learner"), "independent": ("reference", "learner"),
           "independent-topk": ("reference", "learner"), "easy-reference": ("reference",),
           "hard-learner": ("learner",), "uniform": ()}
-_SCORE_KIND = {"easy-reference": "easy_reference", "hard-learner": "hard_learner"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +148,7 @@ class _JoinShard(beam.DoFn):
 
     def process(self, shard: formats.ShardInfo):
         cfg = self._cfg
+        faults.maybe_fail("select.join_shard", (cfg.round, shard.shard_id))
         uids = np.array(formats.read_shard(shard, columns=["uid"]).column("uid").to_pylist(),
                         dtype=object)
         rows = {"uid": uids, "shard_id": np.full(len(uids), shard.shard_id, dtype=object),
@@ -186,11 +187,13 @@ class _JoinShard(beam.DoFn):
 
     def _embeddings(self, role: str, shard: formats.ShardInfo, uids):
         card = self._cards[role]
-        url = formats.join_url(getattr(self._cfg, role), f"{shard.shard_id}.parquet")
-        if not formats.exists(url + ".commit"):
+        committed = formats.committed_shard(getattr(self._cfg, role), shard.shard_id)
+        if committed is None:
             empty = np.zeros((0, 1), np.float16)
             return formats.Embeddings([], empty, empty, "", ""), np.full(len(uids), -1)
-        emb = formats.read_embeddings_shard(url, expect_model_digest=card.model_digest)
+        url = committed.url
+        # The ShardInfo makes the read check the bytes against the marker's sha256.
+        emb = formats.read_embeddings_shard(committed, expect_model_digest=card.model_digest)
         if emb.corpus_shard_sha256 != shard.sha256:
             raise formats.FormatError(
                 f"{url}: embeds another version of corpus shard {shard.shard_id} "
@@ -296,6 +299,7 @@ class _SelectSuperBatch(beam.DoFn):
     def process(self, element):
         sb, parts = element
         cfg = self._cfg
+        faults.maybe_fail("select.select_super_batch", (cfg.round, sb))
         rows = _concat(parts)
         rows = _take(rows, np.argsort(rows["rank"], kind="stable"))
         if len(rows["uid"]) != cfg.super_batch_size:  # An invariant of AssignSuperBatches.
@@ -343,7 +347,7 @@ class _SelectSuperBatch(beam.DoFn):
         yield beam.pvalue.TaggedOutput("selected", chosen)
 
     def _batch_scores(self, inputs, picked, generator):
-        kind = _SCORE_KIND.get(self._cfg.method, "learnability")
+        kind = sampler.score_kind(self._cfg.method)
         try:
             scores.signed_models(inputs, kind=kind)
         except ValueError:  # uniform without embeddings: nothing to score.
@@ -352,7 +356,7 @@ class _SelectSuperBatch(beam.DoFn):
             "selected": scores.batch_score(inputs, picked.indices, kind=kind),
             "random": scores.mean_random_batch_score(inputs, kind=kind,
                                                      batch_size=self._cfg.batch_size,
-                                                     num_samples=4, generator=generator)})
+                                                     num_samples=1, generator=generator)})
 
 
 class SelectSubBatches(beam.PTransform):
@@ -405,7 +409,9 @@ class _WriteFragment(beam.DoFn):
             blobs.append(blob)
             offset += len(blob)
         url = formats.join_url(cfg.output, "_work", "fragments", f"{shard_id}.bin")
-        formats.write_bytes_atomic(url, b"".join(blobs))
+        data = b"".join(blobs)
+        faults.maybe_fail("select.write_fragment", (cfg.round, shard_id), partial_write=(url, data))
+        formats.write_bytes_atomic(url, data)
         for tar_index, items in sorted(ranges.items()):
             yield tar_index, (url, items)
 
@@ -429,7 +435,10 @@ class _AssembleTar(beam.DoFn):
             data += cache[url][offset:offset + length]
         data += formats.TAR_END
         name = _tar_name(tar_index)
-        formats.write_bytes_atomic(formats.join_url(self._cfg.output, "shards", name), bytes(data))
+        url = formats.join_url(self._cfg.output, "shards", name)
+        faults.maybe_fail("select.assemble_tar", (self._cfg.round, tar_index),
+                          partial_write=(url, data))
+        formats.write_bytes_atomic(url, bytes(data))
         yield {"sizes": {name: len(pieces)}}
 
 
@@ -443,16 +452,47 @@ class WriteCuratedShards(beam.PTransform):
     def expand(self, selected):
         return (selected
                 | "SplitByCorpusShard" >> beam.FlatMap(_split_by_shard)
-                | "GroupByCorpusShard" >> beam.GroupByKey()
+                | "GroupByCorpusShard" >> beam.CombinePerKey(_ConcatTables())
                 | "WriteFragments" >> beam.ParDo(_WriteFragment(self._cfg, self._shard_urls))
                 | "GroupByTar" >> beam.GroupByKey()
                 | "AssembleTars" >> beam.ParDo(_AssembleTar(self._cfg)))
 
 
 def _split_by_shard(table: pa.Table):
+    # Sort once: one pass per shard would cost O(rows x shards) per table. `take` copies
+    # each piece (a slice would pickle the whole table's buffers into the shuffle).
     ids = table.column("shard_id").to_numpy(zero_copy_only=False)
-    for shard_id in np.unique(ids):
-        yield str(shard_id), table.filter(pa.array(ids == shard_id))
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else []
+    for start, stop in zip(starts, list(starts[1:]) + [len(ids)]):
+        yield str(ids[start]), table.take(pa.array(order[start:stop]))
+
+
+class _ConcatTables(beam.CombineFn):
+    """Tables of one key as a list, concatenated per bundle before the shuffle.
+
+    Every super-batch sends a piece to most corpus shards, so a plain GroupByKey would
+    shuffle (super-batches x shards) small tables, a count that grows with the square
+    of the corpus; lifted before the shuffle, this sends one table per shard per bundle.
+    """
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, tables, table):
+        tables.append(table)
+        return tables
+
+    def merge_accumulators(self, accumulators):
+        return [t for tables in accumulators for t in tables]
+
+    def compact(self, tables):
+        # One contiguous table: pickling a table of many chunks is far slower.
+        return [pa.concat_tables(tables).combine_chunks()] if len(tables) > 1 else tables
+
+    def extract_output(self, tables):
+        return tables
 
 
 class _WriteManifestShard(beam.DoFn):
@@ -461,6 +501,7 @@ class _WriteManifestShard(beam.DoFn):
 
     def process(self, element):
         shard_id, tables = element
+        faults.maybe_fail("select.write_manifest", (self._output, shard_id))
         table = pa.concat_tables(tables).sort_by("row")
         rows = table.column("row").to_numpy()
         if len(np.unique(rows)) != len(rows):
@@ -483,7 +524,7 @@ class WriteManifest(beam.PTransform):
     def expand(self, tables):
         return (tables
                 | "SplitByCorpusShard" >> beam.FlatMap(_split_by_shard)
-                | "GroupByCorpusShard" >> beam.GroupByKey()
+                | "GroupByCorpusShard" >> beam.CombinePerKey(_ConcatTables())
                 | "WriteShard" >> beam.ParDo(_WriteManifestShard(self._output)))
 
 

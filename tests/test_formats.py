@@ -185,6 +185,7 @@ def test_model_card_round_trip_and_digest(tmp_path):
     assert _card(checkpoint_sha256="cd" * 32).model_digest != card.model_digest
     assert _card(preprocess=formats.Preprocess(image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
                  ).model_digest != card.model_digest
+    assert _card(logit_bias=-9.0).model_digest != card.model_digest
     assert _card(flops_per_example=2e6).model_digest == card.model_digest
 
 
