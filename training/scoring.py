@@ -157,8 +157,6 @@ class DeterministicPatchDropout(torch.nn.Module):
 # Batches: decode, preprocess, embed
 # --------------------------------------------------------------------------- #
 
-# PIL's messages name a BytesIO "at 0x7f...": drop it so dead letters are reproducible.
-_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +178,7 @@ def prepare_batch(images: Sequence[bytes], captions: Sequence[str],
             decoded.append(preprocess.decode_image(data))
             rows.append(i)
         except preprocess.ImageDecodeError as e:
-            failures.append((i, e.reason, _OBJECT_ADDRESS.sub("", e.detail)))
+            failures.append((i, e.reason, e.detail))  # Address-free: see decode_image.
     size = contract.image_size
     pixels = (preprocess.preprocess_images(decoded, contract) if decoded
               else torch.zeros(0, contract.channels, size, size))
