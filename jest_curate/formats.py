@@ -323,6 +323,29 @@ def shard_metadata(shard: "ShardInfo | str") -> dict:
 
 
 # --------------------------------------------------------------------------- #
+# uid sets: a slice of a corpus (one round's candidates), for embed and select --uids
+# --------------------------------------------------------------------------- #
+
+UIDS_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False)],
+                        metadata={"jest.schema": "uids/v1"})
+
+
+def write_uids(url: str, uids) -> None:
+    """A set of uids as a one-column parquet file (sorted, so equal sets are equal bytes)."""
+    table = pa.table({"uid": pa.array(sorted(uids), pa.string())}, schema=UIDS_SCHEMA)
+    write_bytes_atomic(url, _table_to_parquet_bytes(table, None))
+
+
+def read_uids(url: str) -> pa.Array:
+    """The uids of a uid-set file: any parquet with a string `uid` column."""
+    table = read_shard(url)
+    if "uid" not in table.schema.names or table.schema.field("uid").type != pa.string():
+        raise FormatError(f"{url}: a --uids file needs a string 'uid' column; "
+                          f"has {table.schema}")
+    return table.column("uid").combine_chunks()
+
+
+# --------------------------------------------------------------------------- #
 # Embeddings: partitioned like the corpus (same shard id, same row order)
 # --------------------------------------------------------------------------- #
 

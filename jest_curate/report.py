@@ -6,7 +6,6 @@ after which its seed-mean zero-shot accuracy stays >= the target; "never reached
 reported as None. examples_speedup and flops_speedup (scoring included) divide
 uniform's totals by the method's values at that evaluation.
 """
-import json
 import os
 from typing import Optional
 

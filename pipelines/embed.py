@@ -141,15 +141,6 @@ def _shard_stats(shard: formats.ShardInfo, embedded: int, dead: int) -> dict:
             "dead_lettered": dead, "not_requested": shard.num_rows - embedded - dead}
 
 
-def _read_uid_set(url: str) -> pa.Array:
-    """The uids of a --uids file: parquet with a string `uid` column."""
-    table = formats.read_shard(url)
-    if "uid" not in table.schema.names or table.schema.field("uid").type != pa.string():
-        raise formats.FormatError(f"{url}: a --uids file needs a string 'uid' column; "
-                                  f"has {table.schema}")
-    return table.column("uid").combine_chunks()
-
-
 class _ClaimOutput(beam.DoFn):
     """Writes model.json (if changed) before any shard is written; yields the digest."""
 
@@ -199,7 +190,7 @@ class _ReadBatches(beam.DoFn):
         self._batches = Metrics.counter(NAMESPACE, "batches")
 
     def setup(self):
-        self._wanted = _read_uid_set(self._uids) if self._uids else None
+        self._wanted = formats.read_uids(self._uids) if self._uids else None
 
     def process(self, shard):
         batches = formats.iter_shard_batches(shard, batch_size=self._batch_size,
@@ -414,7 +405,7 @@ class EmbedCorpus(beam.PTransform):
             raise FileNotFoundError(f"{self._corpus}: no committed corpus shards")
         uids_sha = ""
         if self._uids:
-            logging.info("embed: only the %d uids in %s", len(_read_uid_set(self._uids)),
+            logging.info("embed: only the %d uids in %s", len(formats.read_uids(self._uids)),
                          self._uids)
             uids_sha = formats.sha256_file(self._uids)
         logging.info("embed: %d corpus shards, model %s (digest %s, %.3g FLOPs/example)",

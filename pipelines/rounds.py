@@ -40,7 +40,6 @@ from training import train as train_lib
 __all__ = ["plan_slices", "run_rounds", "run"]
 
 log = logging.getLogger(__name__)
-_NEEDS_LEARNER = {"jest", "independent", "independent-topk", "hard-learner"}
 
 
 def _round_dir(output: str, r: int) -> str:
@@ -148,18 +147,18 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
     pass_index, slice_uids = slices[r]
     slice_url = formats.join_url(rdir, "slice.parquet")
     if not formats.exists(slice_url):
-        select_stage.write_uid_set(slice_url, slice_uids)
+        formats.write_uids(slice_url, slice_uids)
 
     scored_by, learner_dir, scoring = None, None, {"flops": 0, "examples": 0}
-    if cfg.method in _NEEDS_LEARNER:
+    needs = select_stage.needed_embeddings(cfg.method)
+    if "learner" in needs:
         r0 = r - r % cfg.rescore_every
         learner_dir = paths.learner_embeddings(r0)
         checkpoint = train_lib.checkpoint_url(paths.learner(), r0 * K)
         if r == r0:  # A rescoring round scores the slices of the next k rounds at once.
-            union_url = formats.join_url(learner_dir + "_uids.parquet")
+            union_url = learner_dir + "_uids.parquet"
             rounds_scored = range(r0, min(r0 + cfg.rescore_every, cfg.rounds))
-            select_stage.write_uid_set(union_url, {u for q in rounds_scored
-                                                   for u in slices[q][1]})
+            formats.write_uids(union_url, {u for q in rounds_scored for u in slices[q][1]})
             emb = _embed(cfg, model=cfg.learner_model, checkpoint=checkpoint,
                          output=learner_dir, uids=union_url, beam_args=beam_args)
             scoring = {"flops": emb["flops_per_example"] * emb["embedded"],
@@ -175,8 +174,8 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
             corpus=cfg.pool, output=selection, batch_size=b,
             super_batch_size=cfg.resolved_super_batch_size, method=cfg.method,
             chunks=cfg.chunks, temperature=cfg.temperature, seed=cfg.seed, round=r,
-            uids=slice_url, reference=paths.reference_embeddings
-            if cfg.method != "hard-learner" and cfg.method != "uniform" else None,
+            uids=slice_url,
+            reference=paths.reference_embeddings if "reference" in needs else None,
             learner=learner_dir), beam_args)
     select_stats = formats.read_json(formats.join_url(selection, "stats.json"))
 

@@ -49,6 +49,13 @@ _NEEDS = {"jest": ("reference", "learner"), "independent": ("reference", "learne
           "hard-learner": ("learner",), "uniform": ()}
 
 
+def needed_embeddings(method: str) -> tuple:
+    """The embeddings ("reference", "learner") a method scores with."""
+    if method not in _NEEDS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(_NEEDS)}")
+    return _NEEDS[method]
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectConfig:
     corpus: str
@@ -117,19 +124,6 @@ def _manifest_rows(rows: dict, *, reason: str, round_: int, super_batch=None) ->
 
 # ----------------------------------------------------------------------------- join
 
-UIDS_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False)])
-
-
-def write_uid_set(url: str, uids) -> None:
-    """A slice of the pool (one round's candidates), as a one-column parquet file."""
-    table = pa.table({"uid": pa.array(sorted(uids), pa.string())}, schema=UIDS_SCHEMA)
-    formats.write_bytes_atomic(url, formats._table_to_parquet_bytes(table, None))
-
-
-def read_uid_set(url: str) -> frozenset:
-    return frozenset(formats.read_shard(url, schema=UIDS_SCHEMA).column("uid").to_pylist())
-
-
 def _load_card(root: Optional[str]) -> Optional[formats.ModelCard]:
     return formats.read_model_card(root) if root else None
 
@@ -144,7 +138,8 @@ class _JoinShard(beam.DoFn):
     def setup(self):
         self._cards = {role: _load_card(getattr(self._cfg, role)) for role in ("reference",
                                                                                 "learner")}
-        self._slice = read_uid_set(self._cfg.uids) if self._cfg.uids else None
+        self._slice = frozenset(formats.read_uids(self._cfg.uids).to_pylist()) \
+            if self._cfg.uids else None
 
     def process(self, shard: formats.ShardInfo):
         cfg = self._cfg

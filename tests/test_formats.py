@@ -1,6 +1,5 @@
 """Round trips and failure modes of every on-disk format in jest_curate.formats."""
 import dataclasses
-import io
 import json
 import os
 import pickle

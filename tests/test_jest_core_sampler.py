@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import jest_core as jc
-from jest_core import sampler as sampler_module
 from jest_core import scores as scores_module
 
 

@@ -244,7 +244,7 @@ def test_shards_load_with_webdataset_and_open_clip_train(jest_run):
 def test_uid_slice_restricts_candidates(corpus_root):
     chosen = [f"{i:06x}" for i in range(1, 157) if i not in (3, 0x5a)][::-1][:80]  # 2 x S
     uids_url = os.path.join(corpus_root, "slice.parquet")
-    select.write_uid_set(uids_url, chosen)
+    formats.write_uids(uids_url, chosen)
     cfg = _cfg(corpus_root, out="sliced", uids=uids_url)
     stats = _run(cfg)
     m = _manifest(cfg.output).to_pylist()

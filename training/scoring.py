@@ -24,7 +24,6 @@ No Beam here: the trainer and evaluators can reuse all of it.
 """
 import contextlib
 import dataclasses
-import re
 import threading
 from typing import Optional, Sequence
 
