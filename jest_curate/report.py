@@ -92,6 +92,19 @@ def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
     return rows
 
 
+def _seed_mean_rows(per_seed: list) -> list:
+    """Per-round diagnostics averaged over seeds (rounds every seed has)."""
+    n = min(len(rows) for rows in per_seed)
+    merged = []
+    for i in range(n):
+        rows = [seed_rows[i] for seed_rows in per_seed]
+        keys = set.intersection(*(set(r) for r in rows))
+        merged.append({k: rows[0][k] if k == "round" else
+                       (None if any(r[k] is None for r in rows)
+                        else float(np.mean([r[k] for r in rows]))) for k in keys})
+    return merged
+
+
 def _plot(curves: dict, reference_acc: Optional[float], path: str, x_key: str, xlabel: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -142,7 +155,8 @@ def write_report(output: str, *, runs: dict, reference_eval: dict, noise_dir: Op
     summaries = {m: [formats.read_json(os.path.join(d, "summary.json")) for d in dirs]
                  for m, dirs in runs.items()}
     curves = {m: seed_mean_curve(s) for m, s in summaries.items()}
-    diagnostics = {m: selection_diagnostics(dirs[0], noise_dir) for m, dirs in runs.items()}
+    diagnostics = {m: _seed_mean_rows([selection_diagnostics(d, noise_dir) for d in dirs])
+                   for m, dirs in runs.items()}
     reference_acc = reference_eval.get(METRIC)
     summary = {"settings": settings, "reference_zero_shot": reference_acc,
                "final_zero_shot": {m: c["accuracy"][-1] for m, c in curves.items()},
