@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 from jest_curate import demo_data
 from jest_curate import formats
@@ -34,6 +35,9 @@ class ReferenceConfig:
     precision: str = "auto"
 
 
+_CORPUS_SIZES = ("pool_size", "curated_size", "eval_size", "retrieval_size", "shard_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """A committed study: data, reference, and the rounds every method runs."""
@@ -44,11 +48,15 @@ class DemoConfig:
     run: dict  # RunConfig fields shared by every method (no name/seed/method/paths).
     data_seed: int = 0
     variants: dict = dataclasses.field(default_factory=dict)  # name -> {method, RunConfig overrides}
+    corpus: dict = dataclasses.field(default_factory=dict)  # demo_data.build_demo_corpus sizes
 
     @classmethod
     def load(cls, path: str) -> "DemoConfig":
         cfg = formats.load_dataclass(cls, formats.read_json(path), path)
         formats.load_dataclass(ReferenceConfig, cfg.reference, f"{path} reference")
+        unknown = set(cfg.corpus) - set(_CORPUS_SIZES)
+        if unknown:
+            raise ValueError(f"{path}: corpus keys {sorted(unknown)} not in {_CORPUS_SIZES}")
         return cfg
 
 
@@ -69,28 +77,49 @@ def _reference(cfg: DemoConfig, data: str, out: str) -> tuple:
     return result, formats.read_json(eval_url)
 
 
-def run_demo(config_path: str, output: str, beam_args=()) -> dict:
+def parse_part(text: str) -> tuple:
+    """"I/N" -> (I, N): this process runs every N-th (variant, seed) run, from the I-th."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part wants I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--part {text}: need 0 <= I < N")
+    return index, count
+
+
+def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] = None):
+    """Runs the study (resuming what is done) and returns summary.json's contents.
+
+    With `part=(I, N)` only runs I, I+N, I+2N, ... (in config order) are run and no report
+    is written (returns None): N processes, started once the reference exists, share one
+    output; a final call without `part` resumes the finished runs and writes the report.
+    """
     cfg = DemoConfig.load(config_path)
     data = os.path.join(output, "data")
-    demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise)
+    demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
     ref_result, ref_eval = _reference(cfg, data, os.path.join(output, "reference"))
     log.info("reference: %s", ref_eval)
     runs = {}
     variants = {m: {"method": m} for m in cfg.methods}
     variants.update(cfg.variants)
-    for name, variant in variants.items():
+    plan = [(name, variant, seed) for name, variant in variants.items() for seed in cfg.seeds]
+    for i, (name, variant, seed) in enumerate(plan):
+        if part is not None and i % part[1] != part[0]:
+            continue
         overrides = {k: v for k, v in variant.items() if k != "method"}
-        for seed in cfg.seeds:
-            run_cfg = formats.RunConfig(**{
-                **cfg.run, **overrides, "name": f"{name}-s{seed}", "seed": seed,
-                "method": variant["method"], "pool": formats.join_url(data, "pool"),
-                "reference_checkpoint": ref_result.checkpoint,
-                "eval_data": formats.join_url(data, "eval")})
-            run_dir = os.path.join(output, "runs", f"{name}-s{seed}")
-            log.info("running %s", run_cfg.name)
-            rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
-                                  reference_embeddings=os.path.join(output, "reference_embeddings"))
-            runs.setdefault(name, []).append(run_dir)
+        run_cfg = formats.RunConfig(**{
+            **cfg.run, **overrides, "name": f"{name}-s{seed}", "seed": seed,
+            "method": variant["method"], "pool": formats.join_url(data, "pool"),
+            "reference_checkpoint": ref_result.checkpoint,
+            "eval_data": formats.join_url(data, "eval")})
+        run_dir = os.path.join(output, "runs", f"{name}-s{seed}")
+        log.info("running %s", run_cfg.name)
+        rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
+                              reference_embeddings=os.path.join(output, "reference_embeddings"))
+        runs.setdefault(name, []).append(run_dir)
+    if part is not None:
+        return None
     return report_lib.write_report(
         os.path.join(output, "report"), runs=runs, reference_eval=ref_eval,
         noise_dir=os.path.join(data, "ground_truth", "noise"),
@@ -102,10 +131,18 @@ def run(argv=None) -> int:
     p.add_argument("--output", default="demo_out", help="demo directory (resumed if present)")
     p.add_argument("--full", action="store_true", help="the full study (hours)")
     p.add_argument("--config", help="a demo config JSON (default: the committed one)")
+    p.add_argument("--part", type=parse_part, metavar="I/N",
+                   help="run only every N-th run from the I-th and skip the report, to split "
+                        "a study over N processes sharing --output (start them after the "
+                        "reference is trained; rerun without --part to write the report)")
     args, beam_args = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = args.config or str(CONFIG_DIR / ("demo_full.json" if args.full else "demo.json"))
-    summary = run_demo(config, args.output, beam_args=beam_args or ["--runner=FnApiRunner"])
+    summary = run_demo(config, args.output, beam_args=beam_args or ["--runner=FnApiRunner"],
+                       part=args.part)
+    if summary is None:
+        log.info("part %s/%s done; rerun without --part to write the report", *args.part)
+        return 0
     print(report_lib.render_table(summary))
     print(json.dumps({k: summary[k] for k in ("examples_speedup", "flops_speedup",
                                               "reference_zero_shot", "learner_beats_reference")}))

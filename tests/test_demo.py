@@ -1,0 +1,70 @@
+"""`jest-curate demo` on a tiny study: split over two --part processes, then the report."""
+import json
+import os
+
+import pytest
+
+from pipelines import demo
+
+TINY = {
+    "seeds": [0],
+    "methods": ["uniform", "jest"],
+    "noise": 0.5,
+    "corpus": {"pool_size": 400, "curated_size": 96, "eval_size": 64, "retrieval_size": 32,
+               "shard_size": 128},
+    "reference": {"model": "jest-vit-micro-28", "steps": 3, "batch_size": 16,
+                  "precision": "fp32"},
+    "run": {"batch_size": 8, "super_batch_size": 40, "chunks": 4, "steps_per_round": 2,
+            "rounds": 2, "learner_model": "jest-vit-micro-28",
+            "reference_model": "jest-vit-micro-28", "train_precision": "fp32",
+            "eval_max_examples": 32},
+}
+
+
+def _run_summaries(out):
+    """{finished run: mtimes of its rounds' completion markers}."""
+    runs = os.path.join(out, "runs")
+    if not os.path.isdir(runs):
+        return {}
+    return {name: [os.stat(os.path.join(runs, name, "rounds", r, "round.json")).st_mtime_ns
+                   for r in sorted(os.listdir(os.path.join(runs, name, "rounds")))]
+            for name in sorted(os.listdir(runs))
+            if os.path.exists(os.path.join(runs, name, "summary.json"))}
+
+
+def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    out = str(tmp_path / "demo")
+    argv = ["--config", str(config), "--output", out, "--runner=FnApiRunner"]
+
+    assert demo.run(argv + ["--part", "0/2"]) == 0
+    assert list(_run_summaries(out)) == ["uniform-s0"]
+    assert not os.path.exists(os.path.join(out, "report"))
+    assert demo.run(argv + ["--part", "1/2"]) == 0
+    done = _run_summaries(out)
+    assert list(done) == ["jest-s0", "uniform-s0"]
+
+    capsys.readouterr()
+    assert demo.run(argv) == 0
+    assert _run_summaries(out) == done  # Resumed, not rerun.
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.load(open(os.path.join(out, "report", "summary.json")))
+    assert last["examples_speedup"] == summary["examples_speedup"]
+    assert set(summary["final_zero_shot"]) == {"uniform", "jest"}
+    assert summary["settings"]["corpus"]["pool_size"] == 400
+    demo_json = json.load(open(os.path.join(out, "data", "demo.json")))
+    assert demo_json["counts"]["pool"] == 400
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2"])
+def test_part_must_name_one_of_n(text):
+    with pytest.raises(ValueError, match="--part"):
+        demo.parse_part(text)
+
+
+def test_unknown_corpus_key_is_refused(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY, "corpus": {"pool": 10}}))
+    with pytest.raises(ValueError, match="corpus keys"):
+        demo.DemoConfig.load(str(config))
