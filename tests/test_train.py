@@ -402,3 +402,13 @@ def test_cli_parses_kebab_case_flags():
                                       "14", "--low-res-fraction", "0.5", "--resume"])
     cfg = main_lib._train_config(args)
     assert (cfg.total_steps, cfg.stop, cfg.low_res_size, cfg.resume) == (10, 4, 14, True)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")])
+def test_auto_precision_picks_bf16_on_cpu_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    assert train_lib.resolve_precision("auto", torch.device("cpu")) == expected
+    assert train_lib.resolve_precision("fp32", torch.device("cpu")) == "fp32"
