@@ -233,14 +233,39 @@ def write_shard(root: str, shard_id: str, table: pa.Table, *, schema: pa.Schema,
     return info
 
 
-def list_shards(root: str) -> list:
-    """Committed shards under `root`, sorted by shard id. Uncommitted files are ignored."""
+# Present while a writer fills a whole dataset (ingest); removed once it has finished.
+# Its committed shards are then only part of the dataset, so readers refuse it.
+INCOMPLETE = "_INCOMPLETE"
+
+
+def mark_incomplete(root: str, writer: str) -> None:
+    _fs(root)[0].makedirs(_fs(root)[1], exist_ok=True)
+    write_json_atomic(join_url(root, INCOMPLETE), {"writer": writer})
+
+
+def clear_incomplete(root: str) -> None:
+    fs, path = _fs(join_url(root, INCOMPLETE))
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def list_shards(root: str, *, allow_incomplete: bool = False) -> list:
+    """Committed shards under `root`, sorted by shard id. Uncommitted files are ignored.
+
+    Raises FormatError if a writer has not finished the dataset (see INCOMPLETE), unless
+    `allow_incomplete` (the writer itself).
+    """
     fs, path = _fs(root)
     if not fs.exists(path):
         raise FileNotFoundError(f"no dataset at {root}")
     protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
+    names = sorted(fs.ls(path, detail=False))
+    if not allow_incomplete and any(n.rsplit("/", 1)[-1] == INCOMPLETE for n in names):
+        writer = read_json(join_url(root, INCOMPLETE)).get("writer", "its writer")
+        raise FormatError(f"{root}: {writer} did not finish writing this dataset (it holds "
+                          f"{INCOMPLETE}), so its shards are only part of it; rerun {writer}")
     infos = []
-    for name in sorted(fs.ls(path, detail=False)):
+    for name in names:
         # A marker being written is `_tmp.<hex>.<id>.parquet.commit`; ids never start with '_'.
         if not name.endswith(".parquet" + _MARKER) or name.rsplit("/", 1)[-1].startswith("_"):
             continue

@@ -185,7 +185,8 @@ def _prune_stale(written: list, root: str) -> list:
     fs, path = fsspec.core.url_to_fs(root)
     fs.makedirs(path, exist_ok=True)  # An empty dataset is an empty committed directory.
     keep = {info.shard_id for info in written}
-    stale = [s.shard_id for s in formats.list_shards(root) if s.shard_id not in keep]
+    stale = [s.shard_id for s in formats.list_shards(root, allow_incomplete=True)
+             if s.shard_id not in keep]
     for shard_id in stale:
         formats.remove_shard(root, shard_id)
     Metrics.counter(_NAMESPACE, "stale_shards_removed").inc(len(stale))

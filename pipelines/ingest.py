@@ -346,12 +346,15 @@ def run(argv=None, test_pipeline=None) -> dict:
     if formats.exists(stats_url):  # No stale completion marker while shards are rewritten.
         fs, path = fsspec.core.url_to_fs(stats_url)
         fs.rm(path)
+    # Until the job finishes, readers refuse the output (a killed job leaves part of it).
+    formats.mark_incomplete(cfg.output, "jest-curate ingest")
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     with pipeline as p:
         _ = (p
              | "ListInput" >> beam.Create(items, reshuffle=False)
              | "Ingest" >> IngestCorpus(cfg))
     stats = formats.read_json(stats_url)
+    formats.clear_incomplete(cfg.output)
     logging.info("ingested %d of %d examples (%d dead-lettered) into %s", stats["ingested"],
                  stats["seen"], stats["dead_lettered"], cfg.output)
     return stats

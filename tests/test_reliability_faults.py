@@ -6,6 +6,7 @@ bundles (FnApiRunner does not), so under it every stage must finish with outputs
 byte-identical to a clean FnApiRunner run; under FnApiRunner the same plan must fail
 the job, which shows the exception left the DoFn instead of being retried inside it.
 """
+import dataclasses
 import hashlib
 import os
 
@@ -170,6 +171,31 @@ def test_without_retries_the_fault_fails_the_job_and_commits_nothing(clean, poin
     # No completion marker: readers cannot mistake the partial output for a finished one.
     for marker in ("stats.json", "_SUCCESS"):
         assert not os.path.exists(os.path.join(out, marker))
+
+
+def test_an_unfinished_ingest_is_refused_downstream_until_rerun(clean):
+    """A failed (or killed) ingest leaves committed shards that are only part of the corpus."""
+    root, data = clean
+    plan = _plan(root, "unfinished-ingest", {"corpus_io.write_shard": {"limit": 1}})
+    out = os.path.join(root, "unfinished", "corpus")
+    with faults.injected(plan), pytest.raises(Exception, match="injected fault"):
+        ingest.run(_ingest_argv(data, out, CLEAN))
+    committed = [n for dirpath, _, names in os.walk(out) for n in names
+                 if n.endswith(".parquet.commit")]
+    assert committed, "the fault fires after a shard's commit marker"
+    with pytest.raises(formats.FormatError, match="ingest did not finish"):
+        formats.list_shards(out)
+    with pytest.raises(formats.FormatError, match="ingest did not finish"):
+        embed.run(_embed_argv(out, os.path.join(root, "unfinished", "ref"), 0, CLEAN))
+    with pytest.raises(formats.FormatError, match="ingest did not finish"):
+        select.run_select(dataclasses.replace(
+            _select_cfg(root, os.path.join(root, "unfinished", "selection")), corpus=out),
+            [CLEAN])
+
+    ingest.run(_ingest_argv(data, out, CLEAN))  # The rerun completes the same corpus.
+    want, got = tree_digests(os.path.join(root, "clean", "corpus")), tree_digests(out)
+    assert want.keys() == got.keys() and formats.INCOMPLETE not in got
+    assert {k for k in want if want[k] != got[k]} <= {"stats.json"}
 
 
 def test_hooks_cost_nothing_when_off(monkeypatch):
