@@ -36,6 +36,11 @@ def seed_mean_curve(summaries: list) -> dict:
     return curve
 
 
+def _final_per_seed(summaries: list) -> list:
+    """Each seed's last evaluated accuracy (the spread behind the seed-mean final)."""
+    return [[r for r in s["rounds"] if r.get("eval")][-1]["eval"][METRIC] for s in summaries]
+
+
 def _first_staying_at_or_above(values, target) -> Optional[int]:
     for i in range(len(values)):
         if all(v >= target for v in values[i:]):
@@ -160,6 +165,7 @@ def write_report(output: str, *, runs: dict, reference_eval: dict, noise_dir: Op
     reference_acc = reference_eval.get(METRIC)
     summary = {"settings": settings, "reference_zero_shot": reference_acc,
                "final_zero_shot": {m: c["accuracy"][-1] for m, c in curves.items()},
+               "final_zero_shot_per_seed": {m: _final_per_seed(s) for m, s in summaries.items()},
                "curves": curves, "methods": {}}
     for m in curves:
         if m != "uniform" and "uniform" in curves:
@@ -191,12 +197,16 @@ def _fmt(x, spec=".3f"):
 
 
 def render_table(summary: dict) -> str:
-    lines = ["| method | final zero-shot | noisy share selected | examples speedup | "
+    seeds = len(summary.get("settings", {}).get("seeds", ())) or 1
+    final = "final zero-shot" + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else "")
+    lines = [f"| method | {final} | noisy share selected | examples speedup | "
              "FLOPs speedup |", "| --- | --- | --- | --- | --- |"]
     for m, acc in summary["final_zero_shot"].items():
         sp = summary["methods"].get(m, {})
         noisy = summary.get("noisy_share_selected", {}).get(m)
-        lines.append(f"| {m} | {acc:.3f} | {_fmt(noisy, '.2f')} | "
+        per_seed = summary.get("final_zero_shot_per_seed", {}).get(m, [])
+        spread = f" ± {np.std(per_seed):.3f}" if len(per_seed) > 1 else ""
+        lines.append(f"| {m} | {acc:.3f}{spread} | {_fmt(noisy, '.2f')} | "
                      f"{'1.00 (baseline)' if m == 'uniform' else _fmt(sp.get('examples_speedup'), '.2f')} | "
                      f"{'1.00 (baseline)' if m == 'uniform' else _fmt(sp.get('flops_speedup'), '.2f')} |")
     ref = summary.get("reference_zero_shot")

@@ -1,19 +1,32 @@
-"""The README's headline figures are the committed demo summary, rendered, not retyped."""
+"""The README's figures are committed study summaries, rendered, not retyped."""
 import json
 import os
 import re
+
+import pytest
 
 from jest_curate import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# README block marker -> the committed report it renders. "results" is the headline:
+# the full study (`jest-curate demo --full`).
+BLOCKS = {"results": "results/full", "demo": "results/demo", "noise80": "results/noise80"}
 
-def test_readme_results_equal_committed_summary():
-    summary = json.load(open(os.path.join(ROOT, "results", "demo", "summary.json")))
+
+@pytest.mark.parametrize("marker, folder", sorted(BLOCKS.items()))
+def test_readme_block_equals_committed_summary(marker, folder):
+    summary = json.load(open(os.path.join(ROOT, folder, "summary.json")))
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"<!-- results:begin -->\n(.*?)<!-- results:end -->", readme, re.S)
-    assert block, "README lacks the results block"
+    block = re.search(rf"<!-- {marker}:begin -->\n(.*?)<!-- {marker}:end -->", readme, re.S)
+    assert block, f"README lacks the {marker} block"
     assert block.group(1) == report.render_table(summary)
     for key in ("examples_speedup", "flops_speedup", "final_zero_shot", "reference_zero_shot",
                 "learner_beats_reference"):
         assert key in summary
+
+
+def test_headline_is_the_full_study():
+    summary = json.load(open(os.path.join(ROOT, BLOCKS["results"], "summary.json")))
+    assert summary["settings"]["config"] == "demo_full.json"
+    assert len(summary["settings"]["seeds"]) >= 3
