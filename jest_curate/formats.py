@@ -239,7 +239,8 @@ INCOMPLETE = "_INCOMPLETE"
 
 
 def mark_incomplete(root: str, writer: str) -> None:
-    _fs(root)[0].makedirs(_fs(root)[1], exist_ok=True)
+    fs, path = _fs(root)
+    fs.makedirs(path, exist_ok=True)
     write_json_atomic(join_url(root, INCOMPLETE), {"writer": writer})
 
 
