@@ -1,8 +1,9 @@
 """`jest-curate rounds --config FILE --output DIR`: score → select → train, round by round.
 
 Semantics (also in the README):
-- The reference model embeds the pool once (cached by the embed stage); the pool the
-  rounds draw from is every uid the reference could embed.
+- The reference model embeds the pool once per scoring settings (cached by the embed
+  stage in a directory named by `scoring_key`, which runs may share and never
+  overwrite); the pool the rounds draw from is every uid the reference could embed.
 - A *pass* is a permutation of that pool by blake2b(seed, "pass", p, uid), cut into
   super-batches of S. Round r takes the next K·S examples (K = steps per round) of the
   current pass; when fewer than K super-batches remain, a new pass starts with a new
@@ -17,7 +18,8 @@ Semantics (also in the README):
 - Each round has its own directory with a marker per stage; a killed run resumes at the
   first unfinished stage without redoing or duplicating work.
 
-Layout: DIR/config.json, DIR/reference_embeddings/ (unless shared), DIR/learner/
+Layout: DIR/config.json, DIR/reference_embeddings/<scoring key>/ (unless shared: then
+under the shared root, one directory per scoring settings), DIR/learner/
 (checkpoints), DIR/learner_embeddings/rNNNN/, DIR/rounds/rNNNN/{slice.parquet,
 scored_by.json, selection/, eval.json, round.json}, DIR/summary.json.
 """
@@ -37,7 +39,7 @@ from training import evaluate as evaluate_lib
 from training import model as model_lib
 from training import train as train_lib
 
-__all__ = ["plan_slices", "run_rounds", "run"]
+__all__ = ["plan_slices", "scoring_key", "run_rounds", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,19 @@ class _Paths:
         return formats.join_url(self.output, "learner_embeddings", f"r{r0:04d}")
 
 
+def scoring_key(cfg: formats.RunConfig) -> str:
+    """Names the scoring settings, so each has its own reference embeddings in a shared root."""
+    size = f"{cfg.score_image_size}px" if cfg.score_image_size else "native"
+    return f"{size}-pd{cfg.score_patch_dropout:g}-{cfg.score_precision}"
+
+
 def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
-           uids: Optional[str], beam_args) -> dict:
+           uids: Optional[str], beam_args, overwrite: bool) -> dict:
     argv = ["--corpus", cfg.pool, "--model", model, "--checkpoint", checkpoint,
             "--output", output, "--precision", cfg.score_precision,
-            "--patch-dropout", str(cfg.score_patch_dropout), "--overwrite"]
+            "--patch-dropout", str(cfg.score_patch_dropout)]
+    if overwrite:
+        argv.append("--overwrite")
     if cfg.score_image_size:
         argv += ["--image-size", str(cfg.score_image_size)]
     if uids:
@@ -159,8 +169,10 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
             union_url = learner_dir + "_uids.parquet"
             rounds_scored = range(r0, min(r0 + cfg.rescore_every, cfg.rounds))
             formats.write_uids(union_url, {u for q in rounds_scored for u in slices[q][1]})
+            # This run's own directory: a rerun replaces what an interrupted one left.
             emb = _embed(cfg, model=cfg.learner_model, checkpoint=checkpoint,
-                         output=learner_dir, uids=union_url, beam_args=beam_args)
+                         output=learner_dir, uids=union_url, beam_args=beam_args,
+                         overwrite=True)
             scoring = {"flops": emb["flops_per_example"] * emb["embedded"],
                        "examples": emb["embedded"]}
         scored_by = {"checkpoint": posixpath.relpath(checkpoint, paths.output),
@@ -209,14 +221,19 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
             raise ValueError(f"{output} holds a run with another config; pick another output")
     else:
         formats.write_json_atomic(config_url, cfg.to_json())
-    paths = _Paths(output, reference_embeddings or formats.join_url(output, "reference_embeddings"))
+    # Runs may share the reference embeddings (a cache keyed by scoring settings); never
+    # overwritten, so a run with another reference model is refused, not served its scores.
+    paths = _Paths(output, formats.join_url(
+        reference_embeddings or formats.join_url(output, "reference_embeddings"),
+        scoring_key(cfg)))
     reference_flops = 0
     if cfg.method != "hard-learner":
         if cfg.reference_checkpoint is None:
             raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
                              "draws its pool from the reference embeddings)")
         ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
-                     output=paths.reference_embeddings, uids=None, beam_args=beam_args)
+                     output=paths.reference_embeddings, uids=None, beam_args=beam_args,
+                     overwrite=False)
         if cfg.method != "uniform":  # Uniform consults no scores.
             reference_flops = ref["flops_per_example"] * ref["embedded"]
     uids = pool_uids(None if cfg.method == "hard-learner" else paths.reference_embeddings,
@@ -247,7 +264,7 @@ def run(argv=None) -> int:
     p = argparse.ArgumentParser(prog="jest-curate rounds", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="run config JSON (see configs/)")
     p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
-    p.add_argument("--reference-embeddings", help="shared reference embeddings directory")
+    p.add_argument("--reference-embeddings", help="shared root for reference embeddings (one directory per scoring settings)")
     args, beam_args = p.parse_known_args(argv)
     summary = run_rounds(formats.read_run_config(args.config), args.output,
                          reference_embeddings=args.reference_embeddings, beam_args=beam_args)

@@ -142,3 +142,29 @@ def test_config_change_is_refused_and_report_is_written(setup, finished):
     for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "selection.png"):
         assert os.path.getsize(os.path.join(str(root / "report"), png)) > 1000
     assert "uniform" in open(os.path.join(str(root / "report"), "table.md")).read()
+
+
+def test_shared_reference_cache_keeps_one_directory_per_scoring_settings(setup, finished):
+    """A cheap-scoring run sharing the reference root never replaces another run's scores."""
+    root, _, cfg = setup
+    shared = str(root / "ref_emb")
+    native = os.path.join(shared, rounds.scoring_key(cfg))
+    before = _digests(native, subdirs=("",))
+    cheap = dataclasses.replace(cfg, name="tiny-cheap", score_image_size=14, rounds=1)
+    rounds.run_rounds(cheap, str(root / "run_cheap"), beam_args=BEAM,
+                      reference_embeddings=shared)
+    assert rounds.scoring_key(cheap) != rounds.scoring_key(cfg)
+    assert _digests(native, subdirs=("",)) == before
+    cards = [formats.read_model_card(os.path.join(shared, rounds.scoring_key(c)))
+             for c in (cfg, cheap)]
+    assert cards[0].model_digest != cards[1].model_digest
+    # Another reference model with the same settings is refused, not served these scores.
+    other_ref = train_lib.train(train_lib.TrainConfig(
+        model="jest-vit-micro-28", output=str(root / "other_reference"),
+        data=os.path.join(setup[1], "curated"), data_format="canonical", batch_size=16,
+        total_steps=1, precision="fp32", seed=99, tensorboard=False))
+    with pytest.raises(ValueError, match="another model"):
+        rounds.run_rounds(dataclasses.replace(cfg, name="other", reference_checkpoint=
+                                              other_ref.checkpoint),
+                          str(root / "run_other"), beam_args=BEAM, reference_embeddings=shared)
+    assert _digests(native, subdirs=("",)) == before
