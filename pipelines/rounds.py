@@ -39,7 +39,7 @@ from training import evaluate as evaluate_lib
 from training import model as model_lib
 from training import train as train_lib
 
-__all__ = ["plan_slices", "scoring_key", "run_rounds", "run"]
+__all__ = ["plan_slices", "scoring_key", "check_selection", "run_rounds", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,21 @@ def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
     card = formats.read_model_card(output)
     stats = formats.read_json(formats.join_url(output, "stats.json"))
     return {"flops_per_example": card.flops_per_example, "embedded": stats["embedded"]}
+
+
+def check_selection(stats: dict, r: int, selection: str) -> dict:
+    """A round's select stats, if no example was dead-lettered.
+
+    The slice holds only uids the reference embedded, and the learner embeds the slice,
+    so a dead letter here means the embeddings changed under the run (e.g. a shared
+    cache replaced); training on what is left would quietly use another data budget.
+    """
+    if stats.get("dead_lettered"):
+        raise RuntimeError(
+            f"round {r}: select dead-lettered {stats['dead_lettered']} examples "
+            f"{stats.get('dead_letters_by_reason')}: the embeddings no longer cover the "
+            f"round's slice. Remove {selection} to redo the selection once they do")
+    return stats
 
 
 def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
@@ -189,7 +204,8 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
             uids=slice_url,
             reference=paths.reference_embeddings if "reference" in needs else None,
             learner=learner_dir), beam_args)
-    select_stats = formats.read_json(formats.join_url(selection, "stats.json"))
+    select_stats = check_selection(formats.read_json(formats.join_url(selection, "stats.json")),
+                                   r, selection)
 
     trained = train_lib.train(_train_config(cfg, paths, formats.join_url(selection, "shards"),
                                             (r + 1) * K))

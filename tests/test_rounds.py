@@ -168,3 +168,12 @@ def test_shared_reference_cache_keeps_one_directory_per_scoring_settings(setup, 
                                               other_ref.checkpoint),
                           str(root / "run_other"), beam_args=BEAM, reference_embeddings=shared)
     assert _digests(native, subdirs=("",)) == before
+
+
+def test_a_round_whose_selection_dead_lettered_examples_stops_the_run():
+    stats = {"selected": 0, "dead_lettered": 16000,
+             "dead_letters_by_reason": {"missing_reference_embedding": 16000}}
+    with pytest.raises(RuntimeError, match="round 19: select dead-lettered 16000"):
+        rounds.check_selection(stats, 19, "/runs/x/rounds/r0019/selection")
+    ok = {"selected": 64, "dead_lettered": 0}
+    assert rounds.check_selection(ok, 0, "sel") is ok
