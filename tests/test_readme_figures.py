@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # README block marker -> the committed report it renders. "results" is the headline:
 # the full study (`jest-curate demo --full`).
-BLOCKS = {"results": "results/full", "demo": "results/demo", "noise80": "results/noise80"}
+BLOCKS = {"results": "results/full", "demo": "results/demo", "noise80": "results/noise80",
+          "levers": "results/levers"}
 
 
 @pytest.mark.parametrize("marker, folder", sorted(BLOCKS.items()))
