@@ -110,17 +110,19 @@ def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
 
 
 def check_selection(stats: dict, r: int, selection: str) -> dict:
-    """A round's select stats, if no example was dead-lettered.
+    """A round's select stats, unless it lacked reference embeddings for some examples.
 
-    The slice holds only uids the reference embedded, and the learner embeds the slice,
-    so a dead letter here means the embeddings changed under the run (e.g. a shared
-    cache replaced); training on what is left would quietly use another data budget.
+    The pool is exactly the uids the reference embedded, so a missing reference
+    embedding means the cache changed under the run (e.g. replaced by another model);
+    training on what is left would quietly use another data budget. (Learner dead
+    letters can be legitimate: the learner's embed may reject an example.)
     """
-    if stats.get("dead_lettered"):
+    missing = (stats.get("dead_letters_by_reason") or {}).get("missing_reference_embedding")
+    if missing:
         raise RuntimeError(
-            f"round {r}: select dead-lettered {stats['dead_lettered']} examples "
-            f"{stats.get('dead_letters_by_reason')}: the embeddings no longer cover the "
-            f"round's slice. Remove {selection} to redo the selection once they do")
+            f"round {r}: select dead-lettered {missing} examples for missing reference "
+            f"embeddings: the reference embeddings no longer cover the round's slice. "
+            f"Remove {selection} to redo the selection once they do")
     return stats
 
 

@@ -170,10 +170,13 @@ def test_shared_reference_cache_keeps_one_directory_per_scoring_settings(setup, 
     assert _digests(native, subdirs=("",)) == before
 
 
-def test_a_round_whose_selection_dead_lettered_examples_stops_the_run():
+def test_a_round_missing_reference_embeddings_stops_the_run():
     stats = {"selected": 0, "dead_lettered": 16000,
              "dead_letters_by_reason": {"missing_reference_embedding": 16000}}
     with pytest.raises(RuntimeError, match="round 19: select dead-lettered 16000"):
         rounds.check_selection(stats, 19, "/runs/x/rounds/r0019/selection")
     ok = {"selected": 64, "dead_lettered": 0}
     assert rounds.check_selection(ok, 0, "sel") is ok
+    learner_rejects = {"selected": 64, "dead_lettered": 2,
+                       "dead_letters_by_reason": {"missing_learner_embedding": 2}}
+    assert rounds.check_selection(learner_rejects, 0, "sel") is learner_rejects
