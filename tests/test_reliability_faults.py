@@ -217,17 +217,23 @@ def test_hooks_cost_nothing_when_off(monkeypatch):
     faults.reset()
 
 
+def _failing_keys(point: str, keys: list) -> list:
+    """The keys whose hook raised, in order."""
+    failed = []
+    for key in keys:
+        try:
+            faults.maybe_fail(point, key)
+        except faults.InjectedFault:
+            failed.append(key)
+    return failed
+
+
 def test_plan_choice_is_deterministic_and_first_attempt_only(tmp_path):
     point = "select.select_super_batch"
     plan = {"dir": str(tmp_path / "m"), "seed": 5, "points": {point: {"fraction": 0.5}}}
     keys = [("r", i) for i in range(40)]
     with faults.injected(plan):
-        failed = []
-        for key in keys:
-            try:
-                faults.maybe_fail(point, key)
-            except faults.InjectedFault:
-                failed.append(key)
+        failed = _failing_keys(point, keys)
         for key in keys:  # Second attempts never fail.
             faults.maybe_fail(point, key)
     assert 10 < len(failed) < 30
@@ -236,13 +242,7 @@ def test_plan_choice_is_deterministic_and_first_attempt_only(tmp_path):
     # The same seed chooses the same keys in a fresh marker directory.
     again = {**plan, "dir": str(tmp_path / "m2")}
     with faults.injected(again):
-        refailed = []
-        for key in keys:
-            try:
-                faults.maybe_fail(point, key)
-            except faults.InjectedFault:
-                refailed.append(key)
-    assert refailed == failed
+        assert _failing_keys(point, keys) == failed
     with pytest.raises(ValueError, match="unknown keys"):
         with faults.injected({"dir": "x", "points": {point: {"fractoin": 0.5}}}):
             pass
@@ -254,11 +254,5 @@ def test_plan_choice_is_deterministic_and_first_attempt_only(tmp_path):
 def test_after_and_limit_pick_the_nth_chosen_element(tmp_path):
     point = "select.assemble_tar"
     plan = {"dir": str(tmp_path / "m"), "points": {point: {"after": 2, "limit": 1}}}
-    fired = []
     with faults.injected(plan):
-        for key in range(6):
-            try:
-                faults.maybe_fail(point, key)
-            except faults.InjectedFault:
-                fired.append(key)
-    assert fired == [2]
+        assert _failing_keys(point, list(range(6))) == [2]

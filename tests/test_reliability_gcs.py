@@ -205,15 +205,6 @@ def inputs(gcs, tmp_path_factory):  # noqa: F811
     return url
 
 
-@pytest.fixture
-def one_thread():
-    """Float sums depend on how work is split over threads: both runs use one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_gcs_run_equals_local_run_and_hides_partial_outputs(gcs, inputs,  # noqa: F811
                                                              one_thread, tmp_path):
     gs_root, local_root = f"gs://{BUCKET}/run", str(tmp_path / "run")

@@ -21,6 +21,7 @@ from jest_curate import demo_data
 from jest_curate import formats
 from pipelines import faults
 from pipelines import rounds
+from tests.conftest import torch_threads
 from tests.test_reliability_faults import pytestmark  # noqa: F401 (needs Fashion-MNIST)
 from training import train as train_lib
 
@@ -84,10 +85,8 @@ def _same_training_state(a_url: str, b_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

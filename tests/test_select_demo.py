@@ -4,7 +4,6 @@ import os
 import apache_beam as beam
 import pyarrow as pa
 import pytest
-import torch
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from jest_curate import demo_data
@@ -22,15 +21,6 @@ def _noisy_share(out: str, noisy: dict) -> float:
     chosen = [u for u, sel in zip(manifest.column("uid").to_pylist(),
                                   manifest.column("selected").to_pylist()) if sel]
     return sum(noisy[u] for u in chosen) / len(chosen)
-
-
-@pytest.fixture
-def one_thread():
-    """Small models: threads only add overhead on a busy machine. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_jest_selects_fewer_noisy_captions_than_uniform(tmp_path, one_thread):

@@ -208,14 +208,21 @@ def test_undecodable_images_are_dropped_and_counted(tmp_path):
 
 # --------------------------------------------------------------------------- training
 
-def _batch_loss(checkpoint: str, rows: list) -> float:
-    from open_clip.loss import SigLipLoss
+def _encode_rows(checkpoint: str, rows: list):
+    """(model, batch, image features, text features) of `rows` under a checkpoint."""
     model, cfg, _, _ = model_lib.model_from_checkpoint(checkpoint)
     batch = data_lib.prepare_batch(
         [data_lib.Example(r["uid"], r["image"], r["caption"]) for r in rows],
         model_lib.preprocess_contract(cfg))
     with torch.no_grad():
         image, text = model_lib.encode(model, batch.images, batch.tokens)
+    return model, batch, image, text
+
+
+def _batch_loss(checkpoint: str, rows: list) -> float:
+    from open_clip.loss import SigLipLoss
+    model, _, image, text = _encode_rows(checkpoint, rows)
+    with torch.no_grad():
         return float(SigLipLoss()(image, text, model.logit_scale.exp(), model.logit_bias))
 
 
@@ -331,12 +338,7 @@ def test_step0_and_trained_checkpoints_run_through_jest_curate_embed(tmp_path):
         assert card.checkpoint_sha256 == formats.sha256_file(checkpoint)
         emb = formats.read_embeddings_shard(formats.list_shards(str(output))[0],
                                             expect_model_digest=card.model_digest)
-        model, cfg, _, _ = model_lib.model_from_checkpoint(checkpoint)
-        batch = data_lib.prepare_batch(
-            [data_lib.Example(r["uid"], r["image"], r["caption"]) for r in rows],
-            model_lib.preprocess_contract(cfg))
-        with torch.no_grad():
-            image, text = model_lib.encode(model, batch.images, batch.tokens)
+        _, batch, image, text = _encode_rows(checkpoint, rows)
         assert emb.uids == batch.uids
         np.testing.assert_allclose(emb.image.astype(np.float32), image.numpy(), atol=2e-3)
         np.testing.assert_allclose(emb.text.astype(np.float32), text.numpy(), atol=2e-3)
