@@ -239,8 +239,6 @@ INCOMPLETE = "_INCOMPLETE"
 
 
 def mark_incomplete(root: str, writer: str) -> None:
-    fs, path = _fs(root)
-    fs.makedirs(path, exist_ok=True)
     write_json_atomic(join_url(root, INCOMPLETE), {"writer": writer})
 
 
