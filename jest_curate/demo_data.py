@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from jest_curate import captions, formats, hashing
+from jest_curate import captions, flags, formats, hashing
 
 __all__ = ["SOURCE", "find_fashion_mnist", "load_fashion_mnist",
            "build_demo_corpus", "run"]
@@ -370,7 +370,7 @@ def run(argv=None) -> int:
     parser.add_argument("--retrieval-size", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--data-dir", default=None, help="directory with the four *-ubyte.gz files")
-    args = parser.parse_args(argv)
+    args = flags.parse_strict(parser, argv)[0]
     try:
         summary = build_demo_corpus(
             args.output, seed=args.seed, noise=args.noise, pool_size=args.pool_size,

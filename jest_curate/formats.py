@@ -256,7 +256,8 @@ def list_shards(root: str, *, allow_incomplete: bool = False) -> list:
     """
     fs, path = _fs(root)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no dataset at {root}")
+        raise FileNotFoundError(f"no dataset at {root} (a corpus comes from `jest-curate ingest` "
+                                "or `demo-data`, embeddings from `jest-curate embed`)")
     protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
     names = sorted(fs.ls(path, detail=False))
     if not allow_incomplete and any(n.rsplit("/", 1)[-1] == INCOMPLETE for n in names):
@@ -529,7 +530,8 @@ def read_model_card(root: str) -> ModelCard:
     try:
         data = read_json(url)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no model.json at {root}: not an embeddings directory?")
+        raise FileNotFoundError(f"no model.json at {root}: not an embeddings directory "
+                                f"(`jest-curate embed --output {root}` writes one)")
     except json.JSONDecodeError as e:
         raise FormatError(f"{url}: not valid JSON ({e})") from e
     return ModelCard.from_json(data, url)
@@ -591,7 +593,8 @@ def load_checkpoint(url: str) -> Checkpoint:
         with fsspec.open(url, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {url}")
+        raise FileNotFoundError(f"checkpoint not found: {url} (`jest-curate train` writes "
+                                "OUTPUT/checkpoints/step_NNNNNNNN.pt)")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -703,6 +706,8 @@ class RunConfig:
 
 
 def read_run_config(url: str) -> RunConfig:
+    if not exists(url):
+        raise FileNotFoundError(f"no run config at {url} (see jest_curate/configs/ for examples)")
     return RunConfig.from_json(read_json(url), url)
 
 

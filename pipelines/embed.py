@@ -43,7 +43,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.utils import shared
 
 from jest_curate import formats
-from pipelines import faults
+from pipelines import faults, options
 from training import scoring
 
 __all__ = ["EmbedCorpus", "OutputConflictError", "run", "main"]
@@ -467,7 +467,7 @@ def _parse_args(argv):
     parser.add_argument("--init-seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace another model's embeddings in --output.")
-    return parser.parse_known_args(argv)
+    return options.parse_stage_args(parser, argv)
 
 
 def run(argv=None, test_pipeline=None):
@@ -477,11 +477,11 @@ def run(argv=None, test_pipeline=None):
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
         patch_dropout=args.patch_dropout, precision=args.precision, device=args.device,
         init_seed=args.init_seed, num_threads=args.num_threads)
-    options = PipelineOptions(beam_args)
-    setup = options.view_as(SetupOptions)
+    pipeline_options = PipelineOptions(beam_args)
+    setup = pipeline_options.view_as(SetupOptions)
     if setup.save_main_session is None:  # Beam pickles __main__ by default; nothing needs it.
         setup.save_main_session = False
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+    pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
     _ = pipeline | "EmbedCorpus" >> EmbedCorpus(
         corpus=args.corpus, output=args.output, spec=spec, batch_size=args.batch_size,
         uids=args.uids, overwrite=args.overwrite)

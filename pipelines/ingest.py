@@ -37,7 +37,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from jest_curate import formats
-from pipelines import dedup, faults, ingest_readers, tar_stream, validate
+from pipelines import dedup, faults, ingest_readers, options, tar_stream, validate
 from pipelines.corpus_io import AssignShards, WriteCorpus
 from pipelines.ingest_readers import RawExample, ReadConfig
 
@@ -338,7 +338,7 @@ def config_from_args(args) -> IngestConfig:
 
 def run(argv=None, test_pipeline=None) -> dict:
     """Parse flags, list the inputs, run the pipeline; returns the stats written."""
-    args, beam_args = _parser().parse_known_args(argv)
+    args, beam_args = options.parse_stage_args(_parser(), argv)
     cfg = config_from_args(args)
     validate.read_blocklist(cfg.blocklist)  # Fail now, not on every worker, if it is unreadable.
     items = work_items(cfg)

@@ -34,6 +34,7 @@ from typing import Optional
 from jest_curate import formats
 from jest_curate import hashing
 from pipelines import embed as embed_stage
+from pipelines import options
 from pipelines import select as select_stage
 from training import evaluate as evaluate_lib
 from training import model as model_lib
@@ -283,7 +284,7 @@ def run(argv=None) -> int:
     p.add_argument("--config", required=True, help="run config JSON (see configs/)")
     p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--reference-embeddings", help="shared root for reference embeddings (one directory per scoring settings)")
-    args, beam_args = p.parse_known_args(argv)
+    args, beam_args = options.parse_stage_args(p, argv)
     summary = run_rounds(formats.read_run_config(args.config), args.output,
                          reference_embeddings=args.reference_embeddings, beam_args=beam_args)
     print(json.dumps(summary["rounds"][-1]))

@@ -37,7 +37,7 @@ from jest_core import sampler
 from jest_core import scores
 from jest_curate import formats
 from jest_curate import hashing
-from pipelines import faults
+from pipelines import faults, options
 
 __all__ = ["SelectConfig", "JoinEmbeddings", "AssignSuperBatches", "SelectSubBatches",
            "WriteCuratedShards", "WriteManifest", "CurateRound", "run"]
@@ -646,7 +646,7 @@ def parse_args(argv):
                                   "recorded as outside_slice")
     p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batches-per-shard", type=int, help="sub-batches per output tar")
-    return p.parse_known_args(argv)
+    return options.parse_stage_args(p, argv)
 
 
 def config_from_args(args) -> SelectConfig:

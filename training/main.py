@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from jest_curate import formats
+from jest_curate import flags, formats
 from training import data as data_lib
 from training import evaluate
 from training import model as model_lib
@@ -74,7 +74,7 @@ def parse_train_args(argv):
                    help="Canonical data: shards shuffled together (memory bound).")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
-    return p.parse_args(argv)
+    return flags.parse_strict(p, argv)[0]
 
 
 def _train_config(args) -> train_lib.TrainConfig:
@@ -130,7 +130,7 @@ def parse_eval_args(argv):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads.")
-    return p.parse_args(argv)
+    return flags.parse_strict(p, argv)[0]
 
 
 def _resolve_checkpoint(url: str) -> str:

@@ -400,14 +400,22 @@ class Trainer:
         return loss
 
 
+def _open_data(config: TrainConfig):
+    return data_lib.open_source(config.data, data_format=config.data_format,
+                                batch_size=config.batch_size,
+                                seed=hashing.derive_seed(config.seed, "train_data"),
+                                window_shards=config.window_shards)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Start (writing step 0) or resume a run, and train it up to `config.stop`."""
     trainer = Trainer(config)
     latest = latest_checkpoint(config.output)
+    source = None
     if latest is not None:
         if not config.resume:
             raise FileExistsError(f"{config.output} already holds checkpoints (newest "
-                                  f"{latest}); pass resume to continue it or pick another "
+                                  f"{latest}); pass --resume to continue it or pick another "
                                   "output")
         trainer.restore(latest)
         if trainer.step > config.stop:
@@ -416,14 +424,12 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         if config.resume:
             log.info("nothing to resume in %s: starting a new run", config.output)
+        if config.stop > 0:  # Unusable data fails before step 0 is written.
+            source = _open_data(config)
         latest = trainer.save()  # Step 0: the learner that scores round 0.
     loss = None
     if trainer.step < config.stop:
-        source = data_lib.open_source(config.data, data_format=config.data_format,
-                                      batch_size=config.batch_size,
-                                      seed=hashing.derive_seed(config.seed, "train_data"),
-                                      window_shards=config.window_shards)
-        loss = trainer.fit(source, config.stop)
+        loss = trainer.fit(source or _open_data(config), config.stop)
         latest = checkpoint_url(config.output, trainer.step)
     return TrainResult(step=trainer.step, checkpoint=latest, examples_seen=trainer.examples_seen,
                        flops=trainer.flops, loss=loss)
