@@ -223,3 +223,26 @@ def test_counts_are_integers_and_exact_for_a_plain_linear():
     layer = torch.nn.Linear(10, 20)
     _, counted = flops.count_flops(lambda: layer(torch.randn(3, 10)))
     assert counted == 2 * 3 * 10 * 20 and isinstance(counted, int)
+
+
+def test_committed_studies_count_training_flops_as_todays_counter_does():
+    """results/*/summary.json: training FLOPs per example equal a trainer step counted now."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recount",
+                                                  root / "scripts/recount_train_flops.py")
+    recount = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recount)
+    measured = {}
+    for folder in recount.STUDIES.values():
+        summary = json.loads((root / folder / "summary.json").read_text())
+        run = summary["settings"]["run"]
+        key = (run["learner_model"], run["batch_size"])
+        if key not in measured:
+            measured[key] = recount.measured_train_flops_per_example(*key)
+        for method, curve in summary["curves"].items():
+            per_example = [t / n for t, n in zip(curve["train_flops"], curve["examples"])]
+            assert per_example == pytest.approx([measured[key]] * len(per_example),
+                                                rel=1e-9), (folder, method)
