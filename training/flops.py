@@ -10,6 +10,11 @@ misses kernels that some builds dispatch to (2.14 sends `nn.MultiheadAttention` 
 scaled-dot-product-attention kernel this torch has is counted here with the standard
 formula, and a matmul-like op that no formula covers stops the count (`UncountedOpError`)
 instead of silently counting 0.
+
+Convention: model FLOPs. A multiply-add counts as 2, and a backward pass counts its
+gradient matmuls only (2x the forward for attention as for every matmul). torch's own
+formula for its fused attention kernels also counts the scores they recompute (2.5x), so
+the same step would count differently on the math path and on a fused kernel.
 """
 import contextlib
 import re
