@@ -195,12 +195,15 @@ def test_a_matmul_without_a_formula_stops_the_count(monkeypatch):
 
 
 def test_an_attention_kernel_without_a_formula_stops_the_count(monkeypatch):
-    """What torch 2.14's CPU flash kernel did before our formulas: counted 0, now an error."""
+    """torch 2.14 had no formula for its CPU flash kernel and counted it as 0 (2.15 has one).
+
+    With no formula anywhere, that kernel now stops the count, on any torch.
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import flop_registry
-    if aten._scaled_dot_product_flash_attention_for_cpu in flop_registry:
-        pytest.skip("this torch counts the CPU flash kernel itself")
     monkeypatch.setattr(flops, "_FORMULAS", {})
+    monkeypatch.delitem(flop_registry, aten._scaled_dot_product_flash_attention_for_cpu,
+                        raising=False)
     q, k, v = _qkv()
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         with pytest.raises(flops.UncountedOpError, match="flash_attention_for_cpu"):
