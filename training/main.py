@@ -11,12 +11,14 @@
 import argparse
 import json
 import logging
+import os
 import sys
 
 import torch
 
 from jest_curate import flags, formats
 from training import data as data_lib
+from training import distributed
 from training import evaluate
 from training import model as model_lib
 from training import train as train_lib
@@ -72,6 +74,9 @@ def parse_train_args(argv):
                    help="Fraction of each batch trained at --low-res-size.")
     p.add_argument("--window-shards", type=int, default=8,
                    help="Canonical data: shards shuffled together (memory bound).")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="Data-parallel training processes on this machine (torchrun; one per "
+                        "GPU, gloo on CPU). The global batch stays --batch-size.")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     return flags.parse_strict(p, argv)[0]
@@ -101,14 +106,36 @@ def _train_config(args) -> train_lib.TrainConfig:
         tensorboard=args.tensorboard)
 
 
+def _without_nproc(argv) -> list:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def train_main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_train_args(argv)
+    if args.nproc < 1:
+        print("jest-curate train: error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(args.nproc, ["train", *_without_nproc(argv)])
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     try:
         result = train_lib.train(_train_config(args))
     except _USER_ERRORS + (ValueError,) as e:
         print(f"jest-curate train: error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     print(json.dumps({"step": result.step, "checkpoint": result.checkpoint,
                       "examples_seen": result.examples_seen, "flops": result.flops,
                       "loss": result.loss}))
