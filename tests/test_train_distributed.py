@@ -157,3 +157,19 @@ def test_a_killed_two_process_run_resumes_bit_for_bit(runs, shards, tmp_path):
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         World(rank=0, size=3).part(8)
+
+
+def test_rounds_hand_the_trainer_its_exact_config_through_the_cli():
+    """rounds with train_processes > 1 launches `jest-curate train`: flags rebuild the config."""
+    from training import main as trainer_cli
+    config = train_lib.TrainConfig(
+        model="jest-vit-micro-28", output="o", data="d", data_format="curated", batch_size=8,
+        total_steps=10, stop_at_step=3, learning_rate=2e-3, min_learning_rate=1e-5,
+        warmup_steps=2, weight_decay=0.05, beta1=0.8, beta2=0.9, grad_clip_norm=1.0, seed=7,
+        precision="fp32", device="cpu", num_threads=1, checkpoint_every=2, resume=True,
+        low_res_size=14, low_res_fraction=0.25, window_shards=4, log_every=5,
+        tensorboard=False)
+    for c in (config, train_lib.TrainConfig(model="m", output="o", data=None, batch_size=8,
+                                            total_steps=10, stop_at_step=0)):
+        argv = trainer_cli.train_argv(c)
+        assert trainer_cli._train_config(trainer_cli.parse_train_args(argv)) == c

@@ -9,6 +9,7 @@
     jest-curate eval --checkpoint runs/reference --eval-data demo/eval --output ref.json
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -116,6 +117,44 @@ def _without_nproc(argv) -> list:
         elif not arg.startswith("--nproc="):
             out.append(arg)
     return out
+
+
+def train_argv(config: train_lib.TrainConfig) -> list:
+    """`jest-curate train` flags that rebuild `config` (the inverse of `_train_config`)."""
+    eps = next(f for f in dataclasses.fields(train_lib.TrainConfig) if f.name == "eps")
+    if config.eps != eps.default:
+        raise ValueError("eps has no flag; train in-process to change it")
+    flags_ = {"--model": config.model, "--output": config.output, "--shards": config.data,
+              "--data-format": config.data_format, "--batch-size": config.batch_size,
+              "--steps": config.total_steps, "--stop-at-step": config.stop_at_step,
+              "--lr": config.learning_rate, "--min-lr": config.min_learning_rate,
+              "--warmup-steps": config.warmup_steps, "--weight-decay": config.weight_decay,
+              "--beta1": config.beta1, "--beta2": config.beta2,
+              "--grad-clip-norm": config.grad_clip_norm, "--seed": config.seed,
+              "--precision": config.precision, "--device": config.device,
+              "--num-threads": config.num_threads,
+              "--checkpoint-every": config.checkpoint_every,
+              "--low-res-size": config.low_res_size,
+              "--low-res-fraction": config.low_res_fraction,
+              "--window-shards": config.window_shards, "--log-every": config.log_every}
+    argv = [str(x) for flag, value in flags_.items() if value is not None
+            for x in (flag, repr(value) if isinstance(value, float) else value)]
+    return argv + (["--resume"] if config.resume else []) + (
+        [] if config.tensorboard else ["--no-tensorboard"])
+
+
+def train_with_processes(config: train_lib.TrainConfig, nproc: int) -> train_lib.TrainResult:
+    """`train(config)`, as `nproc` data-parallel processes under torchrun when nproc > 1."""
+    if nproc == 1:
+        return train_lib.train(config)
+    code = distributed.launch(nproc, ["train", *train_argv(config)])
+    if code:
+        raise RuntimeError(f"jest-curate train --nproc {nproc} exited with {code}")
+    latest = formats.read_json(formats.join_url(config.output, "checkpoints", "latest.json"))
+    return train_lib.TrainResult(
+        step=latest["step"], examples_seen=latest["examples_seen"], flops=latest["flops"],
+        checkpoint=formats.join_url(config.output, "checkpoints", latest["checkpoint"]),
+        loss=None)
 
 
 def train_main(argv=None) -> int:
