@@ -108,6 +108,8 @@ def _train_config(args) -> train_lib.TrainConfig:
 
 
 def _without_nproc(argv) -> list:
+    # torchrun's parser would read `--nproc` as an ambiguous abbreviation of its own
+    # --nproc-per-node; the processes it starts know they are distributed (WORLD_SIZE).
     out, skip = [], False
     for arg in argv:
         if skip:
