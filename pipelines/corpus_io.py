@@ -13,7 +13,7 @@ depend on bundle order or on how rows were batched. Committed shards from an ear
 that this run did not write are removed (`prune_stale`), so a rerun replaces its output.
 """
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -24,9 +24,18 @@ from apache_beam.metrics import Metrics
 from jest_curate import formats, hashing
 from pipelines import faults
 
-__all__ = ["ReadCorpus", "AssignShards", "WriteCorpus", "shard_of"]
+__all__ = ["ReadCorpus", "AssignShards", "WriteCorpus", "shard_of", "ShardOut", "KEYS_DIR",
+           "DEAD_LETTER_DIR"]
 
 _NAMESPACE = "jest_curate.corpus_io"
+KEYS_DIR = "_keys"  # Ingest: dedup keys per corpus shard.
+DEAD_LETTER_DIR = "_dead_letter"
+
+
+class ShardOut(NamedTuple):
+    """A shard a stage wrote, with the extra fields of its index entry (e.g. its source)."""
+    info: formats.ShardInfo
+    fields: dict
 
 
 def shard_of(key: Optional[str], num_shards: int) -> int:
@@ -98,7 +107,7 @@ class ReadCorpus(beam.PTransform):
                 | "ReadBatches" >> beam.ParDo(self._read))
 
 
-def _split_by_shard(batch: pa.RecordBatch, num_shards: int, key_column: str) -> Iterable:
+def _split_by_shard(batch, num_shards: int, key_column: str) -> Iterable:
     if batch.num_rows == 0:
         return
     keys = batch.column(key_column).to_pylist()
