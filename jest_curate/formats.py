@@ -406,7 +406,7 @@ def write_index(root: str, shards: Sequence[ShardInfo], *, writer: str,
                 fields: Optional[dict] = None) -> dict:
     """Commit the dataset at `root`: one index listing `shards` (their rows, sha256s and
     drop lists); `fields` maps a shard id to extra JSON fields for its entry. Written in
-    one atomic put; returns the index document."""
+    one atomic put (none if the index already holds exactly this); returns the document."""
     ids = [s.shard_id for s in shards]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{root}: shard ids repeat in the index")
@@ -421,8 +421,15 @@ def write_index(root: str, shards: Sequence[ShardInfo], *, writer: str,
         entries.append(entry)
     doc = {"format": INDEX_FORMAT, "writer": writer, "num_shards": len(entries),
            "num_rows": sum(e["rows"] for e in entries), "shards": entries}
-    write_bytes_atomic(join_url(root, INDEX), (json.dumps(
-        doc, sort_keys=True, separators=(",", ":")) + "\n").encode())
+    data = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    url = join_url(root, INDEX)
+    try:  # An unchanged dataset keeps its index untouched (a rerun writes nothing).
+        with fsspec.open(url, "rb") as f:
+            if f.read() == data:
+                return doc
+    except FileNotFoundError:
+        pass
+    write_bytes_atomic(url, data)
     return doc
 
 
