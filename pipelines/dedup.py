@@ -32,7 +32,7 @@ corpus shard, and each shard with losers gets a drop list (`formats.write_drop_l
 honoured by every reader through the dataset index) and a dead-letter shard
 `_dead_letter/<shard>.dup`. No corpus file is rewritten.
 """
-from typing import Iterable, Optional
+from typing import Iterable
 
 import apache_beam as beam
 import numpy as np
@@ -174,7 +174,7 @@ class _Stage(beam.PTransform):
                 | "Bucket" >> AssignShards(rows_per_shard=self._rows_per_group,
                                            key_column=self._key)
                 | "Winners" >> beam.CombinePerKey(_Winners(self._key))
-                .with_hot_key_fanout(self._fanout)
+                .with_hot_key_fanout(self._fanout or None)
                 | "Tables" >> beam.Values())
 
 
@@ -275,7 +275,7 @@ class DropDuplicates(beam.PTransform):
         return applied.shards, applied.dead, applied.stats
 
 
-def read_existing_keys(shard: formats.ShardInfo, *, output: str) -> Optional[pa.Table]:
+def read_existing_keys(shard: formats.ShardInfo, *, output: str) -> pa.Table:
     """The stored keys of a committed corpus shard, without the rows its drop list removes."""
     keys = formats.read_shard(formats.join_url(output, KEYS_DIR, f"{shard.shard_id}.parquet"),
                               schema=KEYS_SCHEMA)

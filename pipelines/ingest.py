@@ -127,10 +127,10 @@ class IngestConfig:
         if min(self.rows_per_shard, self.max_caption_chars, self.max_image_bytes,
                self.dedup_rows_per_group) < 1:
             raise ValueError("rows per shard, max caption chars and max image bytes must be >= 1")
-        # Any valid row must fit in a shard: its image, caption (<= 4 bytes a char), names.
-        if self.max_shard_bytes < self.max_image_bytes + 4 * self.max_caption_chars + 4096:
-            raise ValueError(f"--max-shard-bytes {self.max_shard_bytes} must exceed "
-                             f"--max-image-bytes ({self.max_image_bytes}) plus a caption")
+        # A row larger than the bound gets a shard of its own; images must fit.
+        if self.max_shard_bytes < self.max_image_bytes:
+            raise ValueError(f"--max-shard-bytes {self.max_shard_bytes} must be at least "
+                             f"--max-image-bytes ({self.max_image_bytes})")
 
 
 def _count(source: str, counts: dict) -> None:
@@ -233,8 +233,14 @@ def _prune(root: str, keep: set) -> int:
     return len(stale)
 
 
-def _commit(by_source: dict, corpus: list, dead: list, cfg: IngestConfig) -> dict:
+def _tagged(out: ShardOut, dataset: str) -> tuple:
+    return dataset, out
+
+
+def _commit(by_source: dict, written: list, cfg: IngestConfig) -> dict:
     """Checks the counts against the shards, prunes, writes both indexes, then stats.json."""
+    corpus = [out for dataset, out in written if dataset == "corpus"]
+    dead = [out for dataset, out in written if dataset == "dead"]
     output = cfg.output
     dead_root = formats.join_url(output, DEAD_LETTER_DIR)
     previous = formats.read_json(formats.join_url(output, "stats.json")) if cfg.append else {}
@@ -321,8 +327,11 @@ class IngestCorpus(beam.PTransform):
                   units | "Upstream" >> beam.FlatMap(_with_upstream, cfg))
                  | "AllStats" >> beam.Flatten()
                  | "MergeStats" >> beam.CombineGlobally(merge_stats))
-        return stats | "Commit" >> beam.Map(_commit, beam.pvalue.AsList(corpus),
-                                            beam.pvalue.AsList(dead), cfg)
+        written = ((corpus | "TagCorpus" >> beam.Map(_tagged, "corpus"),
+                    dead | "TagDead" >> beam.Map(_tagged, "dead"))
+                   | "AllWritten" >> beam.Flatten()
+                   | "ListWritten" >> beam.combiners.ToList())
+        return stats | "Commit" >> beam.Map(_commit, beam.pvalue.AsSingleton(written), cfg)
 
 
 def check_inputs(cfg: IngestConfig) -> None:
