@@ -79,11 +79,17 @@ def dedup_keys(table, *, shard: str = "") -> pa.Table:
 
 
 def _in_flight(keys: pa.Table, generation: int) -> pa.Table:
-    """Stored key records -> records with a generation and a pair key."""
-    pair = [f"{i}/{c}" for i, c in zip(keys.column("image_key").to_pylist(),
-                                      keys.column("caption_key").to_pylist())]
-    return (keys.append_column("gen", pa.array([generation] * keys.num_rows, pa.int8()))
-            .append_column("pair_key", pa.array(pair, pa.string())))
+    """Stored key records -> records with a generation."""
+    return keys.append_column("gen", pa.array([generation] * keys.num_rows, pa.int8()))
+
+
+def _with_stage_key(records: pa.Table, key: str) -> pa.Table:
+    """Adds the pair key (image + caption digests) for the stage that needs it."""
+    if key != "pair_key" or key in records.schema.names:
+        return records
+    pair = [f"{i}/{c}" for i, c in zip(records.column("image_key").to_pylist(),
+                                      records.column("caption_key").to_pylist())]
+    return records.append_column("pair_key", pa.array(pair, pa.string()))
 
 
 class _Winners(beam.CombineFn):
@@ -116,17 +122,15 @@ class _Winners(beam.CombineFn):
     def extract_output(self, acc):
         columns = list(zip(*acc.values())) if acc else [()] * len(_RECORD)
         types = {"gen": pa.int8(), "row": pa.int64()}
-        table = pa.table({name: pa.array(list(col), types.get(name, pa.string()))
-                          for name, col in zip(_RECORD, columns)})
-        pair = [f"{i}/{c}" for i, c in zip(table.column("image_key").to_pylist(),
-                                          table.column("caption_key").to_pylist())]
-        return table.append_column("pair_key", pa.array(pair, pa.string()))
+        return pa.table({name: pa.array(list(col), types.get(name, pa.string()))
+                         for name, col in zip(_RECORD, columns)})
 
 
 def winners(table: pa.Table, key: str) -> pa.Table:
     """The records `_Winners` keeps, computed in one process (for tests and tools)."""
     fn = _Winners(key)
-    return fn.extract_output(fn.add_input(fn.create_accumulator(), table))
+    return fn.extract_output(fn.add_input(fn.create_accumulator(),
+                                          _with_stage_key(table, key)))
 
 
 def losers(keys: pa.Table, mode: str, *, generation: int = 1) -> pa.Table:
@@ -170,6 +174,7 @@ class _Stage(beam.PTransform):
 
     def expand(self, records):
         return (records
+                | "StageKey" >> beam.Map(_with_stage_key, self._key)
                 | "Count" >> beam.Map(_count_shuffled, self._key)
                 | "Bucket" >> AssignShards(rows_per_shard=self._rows_per_group,
                                            key_column=self._key)
@@ -187,6 +192,8 @@ def _by_shard(table: pa.Table, level: int) -> Iterable:
     shards, rows = shards[order], rows[order]
     starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else []
     for start, stop in zip(starts, list(starts[1:]) + [len(shards)]):
+        Metrics.counter(_NAMESPACE, "key_bytes_shuffled").inc(
+            8 * (stop - start) + len(shards[start]))
         yield str(shards[start]), (level, rows[start:stop])
 
 

@@ -387,7 +387,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(keeps COCO-style multi-caption images); none. Repeated uids "
                              "are always resolved")
     parser.add_argument("--dedup-rows-per-group", type=int, default=1 << 20,
-                        help="key records (~100 B each) one worker compares at once")
+                        help="key records per dedup bucket (its accumulator holds one ~150 B "
+                             "record per distinct key)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=2048)
     parser.add_argument("--max-shard-bytes", type=int, default=ingest_shards.MAX_SHARD_BYTES,
