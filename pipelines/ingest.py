@@ -215,22 +215,29 @@ def _existing_shards(output: str) -> Iterable[formats.ShardInfo]:
     yield from formats.read_index(output)
 
 
-def _prune(root: str, keep: set) -> int:
-    """Remove shard files under `root` that the new index does not name (earlier runs')."""
+def _prune(root: str, keep: set, drops: frozenset = frozenset()) -> int:
+    """Remove shard files under `root` that the new index does not name (earlier runs'),
+    and drop lists of shards that no longer have one (`drops`: ids that do)."""
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.exists(path):
         return 0
-    stale = set()
+    stale, removed = set(), 0
     for name in fs.ls(path, detail=False):
         base = name.rsplit("/", 1)[-1]
+        if base.startswith("_"):
+            continue
         for suffix in (".parquet.commit", ".drop.parquet", ".parquet"):
-            if base.endswith(suffix) and not base.startswith("_"):
-                if base[:-len(suffix)] not in keep:
-                    stale.add(base[:-len(suffix)])
+            if base.endswith(suffix):
+                shard_id = base[:-len(suffix)]
+                if shard_id not in keep:
+                    stale.add(shard_id)
+                elif suffix == ".drop.parquet" and shard_id not in drops:
+                    fs.rm(name)
+                    removed += 1
                 break
     for shard_id in sorted(stale):
         formats.remove_shard(root, shard_id)
-    return len(stale)
+    return removed + len(stale)
 
 
 def _tagged(out: ShardOut, dataset: str) -> tuple:
@@ -262,7 +269,8 @@ def _commit(by_source: dict, written: list, cfg: IngestConfig) -> dict:
     if written != (stats["ingested"], stats["dead_lettered"]):
         raise RuntimeError(f"ingest lost examples: counted {stats}, wrote {written} rows")
     keep = {o.info.shard_id for o in corpus}
-    pruned = (_prune(output, keep) + _prune(formats.join_url(output, KEYS_DIR), keep)
+    drops = frozenset(o.info.shard_id for o in corpus if o.info.drop_sha256)
+    pruned = (_prune(output, keep, drops) + _prune(formats.join_url(output, KEYS_DIR), keep)
               + _prune(dead_root, {o.info.shard_id for o in dead}))
     Metrics.counter(_NAMESPACE, "stale_shards_removed").inc(pruned)
     writer = "jest-curate ingest"

@@ -161,3 +161,23 @@ def test_job_graph_does_not_grow_with_the_number_of_shards(tmp_path, stage):
                 method="uniform"))
         sizes.append(_graph_bytes(p))
     assert abs(sizes[1] - sizes[0]) < 64, sizes  # 2000 shard ids alone would be ~130 kB.
+
+
+def test_rerun_replaces_drop_lists_and_stale_shards(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _tar(src / "0.tar", ["a1", "a2"], image_of=lambda k: 1)  # Same image, two captions.
+    _tar(src / "1.tar", ["b7"])
+    out = str(tmp_path / "out")
+    argv = ["--input", str(src), "--format", "webdataset", "--output", out] + BEAM
+    first = ingest.run(argv)
+    assert first["reasons"] == {"duplicate_image": 1}
+    assert len(list(Path(out).glob("*.drop.parquet"))) == 1
+    (src / "1.tar").unlink()
+    again = ingest.run(argv + ["--dedup", "none"])
+    check_accounting(again, out)
+    assert (again["ingested"], again["num_shards"]) == (2, 1)
+    # Nothing of the first run is left: no drop list, no shard of 1.tar, no stale keys.
+    assert not list(Path(out).glob("*.drop.parquet"))
+    paths = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*.parquet"))
+    assert len(paths) == 2 and paths[1].startswith("_keys/"), paths  # The shard, its keys.
