@@ -11,6 +11,8 @@ derived from the total row count, named `00003-of-00008`. `WriteCorpus` takes an
 sorts each shard by its sort columns then every other column, so a shard's bytes never
 depend on bundle order or on how rows were batched. Committed shards from an earlier run
 that this run did not write are removed (`prune_stale`), so a rerun replaces its output.
+(Ingest writes its shards where it reads its inputs instead: `pipelines.ingest_shards`;
+`AssignShards` buckets its dedup keys.)
 """
 import math
 from typing import Iterable, NamedTuple, Optional, Sequence
@@ -84,8 +86,9 @@ class _ReadShardBatches(beam.DoFn):
 class ReadCorpus(beam.PTransform):
     """Committed shards of a sharded parquet dataset as `(shard_id, pa.RecordBatch)`.
 
-    Shards are listed when the pipeline runs and read in parallel; batches hold at
-    most `batch_size` rows and come in row order within a shard. `with_offsets=True`
+    Shards are listed when the pipeline runs, on a worker, from the dataset's index
+    (`formats.list_shards`), and read in parallel without the rows of their drop lists;
+    batches hold at most `batch_size` rows and come in row order within a shard. `with_offsets=True`
     yields `(shard_id, first_row, batch)` so a later stage can restore row order.
     `schema` (optional) is checked against every shard before it is read.
     """

@@ -53,9 +53,9 @@ from apache_beam.utils import shared
 
 from jest_curate import formats
 from pipelines import dedup, ingest_readers, ingest_shards, tar_stream, validate
-from pipelines.corpus_io import DEAD_LETTER_DIR, KEYS_DIR, ShardOut
+from pipelines.corpus_io import DEAD_LETTER_DIR, ShardOut
 from pipelines.ingest_readers import RawExample, ReadConfig
-from pipelines.ingest_shards import Unit
+from pipelines.ingest_shards import Unit, merge_stats
 
 __all__ = ["READERS", "FORMATS", "IngestConfig", "ReadConfig", "RawExample", "IngestCorpus",
            "merge_stats", "check_inputs", "config_from_args", "run", "main"]
@@ -195,99 +195,12 @@ def _count_stats(stats: dict) -> dict:
     return stats
 
 
-def _add(acc: dict, part: dict) -> None:
-    for key, value in part.items():
-        if isinstance(value, dict):
-            _add(acc.setdefault(key, {}), value)
-        else:
-            acc[key] = acc.get(key, 0) + value
-
-
-def merge_stats(parts: Iterable[dict]) -> dict:
-    """Sum per-source counters: {source: {seen, ingested, dead_lettered, reasons: {...}}}."""
-    out = {}
-    for part in parts:
-        _add(out, part)
-    return out
-
-
 def _existing_shards(output: str) -> Iterable[formats.ShardInfo]:
     yield from formats.read_index(output)
 
 
-def _prune(root: str, keep: set, drops: frozenset = frozenset()) -> int:
-    """Remove shard files under `root` that the new index does not name (earlier runs'),
-    and drop lists of shards that no longer have one (`drops`: ids that do)."""
-    fs, path = fsspec.core.url_to_fs(root)
-    if not fs.exists(path):
-        return 0
-    stale, removed = set(), 0
-    for name in fs.ls(path, detail=False):
-        base = name.rsplit("/", 1)[-1]
-        if base.startswith("_"):
-            continue
-        for suffix in (".parquet.commit", ".drop.parquet", ".parquet"):
-            if base.endswith(suffix):
-                shard_id = base[:-len(suffix)]
-                if shard_id not in keep:
-                    stale.add(shard_id)
-                elif suffix == ".drop.parquet" and shard_id not in drops:
-                    fs.rm(name)
-                    removed += 1
-                break
-    for shard_id in sorted(stale):
-        formats.remove_shard(root, shard_id)
-    return removed + len(stale)
-
-
 def _tagged(out: ShardOut, dataset: str) -> tuple:
     return dataset, out
-
-
-def _commit(by_source: dict, written: list, cfg: IngestConfig) -> dict:
-    """Checks the counts against the shards, prunes, writes both indexes, then stats.json."""
-    corpus = [out for dataset, out in written if dataset == "corpus"]
-    dead = [out for dataset, out in written if dataset == "dead"]
-    output = cfg.output
-    dead_root = formats.join_url(output, DEAD_LETTER_DIR)
-    previous = formats.read_json(formats.join_url(output, "stats.json")) if cfg.append else {}
-    if cfg.append:  # The corpus grows: its shards, entries and counts stay as they were.
-        old, old_fields = ingest_shards.index_fields(output)
-        old_dead, old_dead_fields = ingest_shards.index_fields(dead_root)
-        corpus = [ShardOut(i, old_fields.get(i.shard_id, {})) for i in old] + corpus
-        dead = [ShardOut(i, old_dead_fields.get(i.shard_id, {})) for i in old_dead] + dead
-        by_source = merge_stats([previous.get("by_source", {}), by_source])
-    reasons = {}
-    for source, c in by_source.items():
-        if c["ingested"] + c["dead_lettered"] != c["seen"]:
-            raise RuntimeError(f"ingest lost examples of {source}: {c}")
-        for reason, n in c["reasons"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    stats = {name: sum(c[name] for c in by_source.values())
-             for name in ("seen", "ingested", "dead_lettered")}
-    written = (sum(o.info.num_rows for o in corpus), sum(o.info.num_rows for o in dead))
-    if written != (stats["ingested"], stats["dead_lettered"]):
-        raise RuntimeError(f"ingest lost examples: counted {stats}, wrote {written} rows")
-    keep = {o.info.shard_id for o in corpus}
-    drops = frozenset(o.info.shard_id for o in corpus if o.info.drop_sha256)
-    pruned = (_prune(output, keep, drops) + _prune(formats.join_url(output, KEYS_DIR), keep)
-              + _prune(dead_root, {o.info.shard_id for o in dead}))
-    Metrics.counter(_NAMESPACE, "stale_shards_removed").inc(pruned)
-    writer = "jest-curate ingest"
-    formats.write_index(dead_root, [o.info for o in dead], writer=writer,
-                        fields={o.info.shard_id: o.fields for o in dead})
-    formats.write_index(output, [o.info for o in corpus], writer=writer,
-                        fields={o.info.shard_id: o.fields for o in corpus})
-    inputs = [{"input": c.input, "format": c.format, "source": c.source} for c in cfg.inputs]
-    stats.update({
-        "reasons": dict(sorted(reasons.items())), "by_source": by_source,
-        "inputs": previous.get("inputs", []) + inputs, "output": output,
-        "dedup": cfg.dedup, "blocklist": cfg.blocklist,
-        "appends": previous.get("appends", -1) + 1 if cfg.append else 0,
-        "num_shards": len(corpus), "num_dead_letter_shards": len(dead),
-        "index": formats.INDEX})
-    formats.write_json_atomic(formats.join_url(output, "stats.json"), stats)
-    return stats
 
 
 class IngestCorpus(beam.PTransform):
@@ -334,12 +247,12 @@ class IngestCorpus(beam.PTransform):
                   duplicate_stats | "CountDuplicates" >> beam.Map(_count_stats),
                   units | "Upstream" >> beam.FlatMap(_with_upstream, cfg))
                  | "AllStats" >> beam.Flatten()
-                 | "MergeStats" >> beam.CombineGlobally(merge_stats))
+                 | "MergeStats" >> beam.CombineGlobally(ingest_shards.merge_stats))
         written = ((corpus | "TagCorpus" >> beam.Map(_tagged, "corpus"),
                     dead | "TagDead" >> beam.Map(_tagged, "dead"))
                    | "AllWritten" >> beam.Flatten()
                    | "ListWritten" >> beam.combiners.ToList())
-        return stats | "Commit" >> beam.Map(_commit, beam.pvalue.AsSingleton(written), cfg)
+        return stats | "Commit" >> beam.Map(ingest_shards.commit, beam.pvalue.AsSingleton(written), cfg)
 
 
 def check_inputs(cfg: IngestConfig) -> None:

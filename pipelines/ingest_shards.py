@@ -1,4 +1,5 @@
-"""Ingest units: one piece of one input, read, validated and written as its own shards.
+"""Ingest units: one piece of one input, read, validated and written as its own shards;
+and the commit that makes the written shards one dataset.
 
 A *unit* is what one DoFn call reads: a tar (webdataset, img2dataset), a parquet row
 group, or a chunk of a folder's listing. Its rows are validated and written by that
@@ -18,6 +19,7 @@ under identical ids. Only the key records (`_keys`, ~150 bytes a row) go on to d
 from typing import Iterable, List, NamedTuple
 
 import apache_beam as beam
+import fsspec
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
@@ -27,7 +29,8 @@ from pipelines import dedup, faults, validate
 from pipelines.corpus_io import DEAD_LETTER_DIR, KEYS_DIR, ShardOut
 
 __all__ = ["Unit", "unit_name", "unit_id", "ShardSplitter", "ShardOut", "IngestUnit",
-           "existing_units", "index_fields", "KEYS_DIR", "DEAD_LETTER_DIR", "MAX_SHARD_BYTES"]
+           "existing_units", "index_fields", "merge_stats", "commit", "KEYS_DIR",
+           "DEAD_LETTER_DIR", "MAX_SHARD_BYTES"]
 
 MAX_SHARD_BYTES = 256 << 20
 _NAMESPACE = "jest_curate.ingest"
@@ -171,6 +174,14 @@ def _add(acc: dict, part: dict) -> None:
             acc[key] = acc.get(key, 0) + value
 
 
+def merge_stats(parts: Iterable[dict]) -> dict:
+    """Sum per-source counters: {source: {seen, ingested, dead_lettered, reasons: {...}}}."""
+    out = {}
+    for part in parts:
+        _add(out, part)
+    return out
+
+
 def existing_units(output: str) -> set:
     """(source, unit name) of every unit an earlier ingest committed into `output`."""
     units = set()
@@ -192,3 +203,74 @@ def index_fields(root: str) -> tuple:
     keep = ("source", "unit")
     return infos, {e["id"]: {k: e[k] for k in keep if k in e} for e in doc["shards"]}
 
+
+def _prune(root: str, keep: set, drops: frozenset = frozenset()) -> int:
+    """Remove shard files under `root` that the new index does not name (earlier runs'),
+    and drop lists of shards that no longer have one (`drops`: ids that do)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        return 0
+    stale, removed = set(), 0
+    for name in fs.ls(path, detail=False):
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith("_"):
+            continue
+        for suffix in (".parquet.commit", ".drop.parquet", ".parquet"):
+            if base.endswith(suffix):
+                shard_id = base[:-len(suffix)]
+                if shard_id not in keep:
+                    stale.add(shard_id)
+                elif suffix == ".drop.parquet" and shard_id not in drops:
+                    fs.rm(name)
+                    removed += 1
+                break
+    for shard_id in sorted(stale):
+        formats.remove_shard(root, shard_id)
+    return removed + len(stale)
+
+
+def commit(by_source: dict, written: list, cfg) -> dict:
+    """Ingest's last step: checks the counts against the shards, removes earlier runs'
+    leftovers, writes both indexes, then stats.json. `written`: (dataset, ShardOut)s."""
+    corpus = [out for dataset, out in written if dataset == "corpus"]
+    dead = [out for dataset, out in written if dataset == "dead"]
+    output = cfg.output
+    dead_root = formats.join_url(output, DEAD_LETTER_DIR)
+    previous = formats.read_json(formats.join_url(output, "stats.json")) if cfg.append else {}
+    if cfg.append:  # The corpus grows: its shards, entries and counts stay as they were.
+        old, old_fields = index_fields(output)
+        old_dead, old_dead_fields = index_fields(dead_root)
+        corpus = [ShardOut(i, old_fields.get(i.shard_id, {})) for i in old] + corpus
+        dead = [ShardOut(i, old_dead_fields.get(i.shard_id, {})) for i in old_dead] + dead
+        by_source = merge_stats([previous.get("by_source", {}), by_source])
+    reasons = {}
+    for source, c in by_source.items():
+        if c["ingested"] + c["dead_lettered"] != c["seen"]:
+            raise RuntimeError(f"ingest lost examples of {source}: {c}")
+        for reason, n in c["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    stats = {name: sum(c[name] for c in by_source.values())
+             for name in ("seen", "ingested", "dead_lettered")}
+    written = (sum(o.info.num_rows for o in corpus), sum(o.info.num_rows for o in dead))
+    if written != (stats["ingested"], stats["dead_lettered"]):
+        raise RuntimeError(f"ingest lost examples: counted {stats}, wrote {written} rows")
+    keep = {o.info.shard_id for o in corpus}
+    drops = frozenset(o.info.shard_id for o in corpus if o.info.drop_sha256)
+    pruned = (_prune(output, keep, drops) + _prune(formats.join_url(output, KEYS_DIR), keep)
+              + _prune(dead_root, {o.info.shard_id for o in dead}))
+    Metrics.counter(_NAMESPACE, "stale_shards_removed").inc(pruned)
+    writer = "jest-curate ingest"
+    formats.write_index(dead_root, [o.info for o in dead], writer=writer,
+                        fields={o.info.shard_id: o.fields for o in dead})
+    formats.write_index(output, [o.info for o in corpus], writer=writer,
+                        fields={o.info.shard_id: o.fields for o in corpus})
+    inputs = [{"input": c.input, "format": c.format, "source": c.source} for c in cfg.inputs]
+    stats.update({
+        "reasons": dict(sorted(reasons.items())), "by_source": by_source,
+        "inputs": previous.get("inputs", []) + inputs, "output": output,
+        "dedup": cfg.dedup, "blocklist": cfg.blocklist,
+        "appends": previous.get("appends", -1) + 1 if cfg.append else 0,
+        "num_shards": len(corpus), "num_dead_letter_shards": len(dead),
+        "index": formats.INDEX})
+    formats.write_json_atomic(formats.join_url(output, "stats.json"), stats)
+    return stats
