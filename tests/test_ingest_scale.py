@@ -181,3 +181,20 @@ def test_rerun_replaces_drop_lists_and_stale_shards(tmp_path):
     assert not list(Path(out).glob("*.drop.parquet"))
     paths = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*.parquet"))
     assert len(paths) == 2 and paths[1].startswith("_keys/"), paths  # The shard, its keys.
+
+
+def test_ingest_job_graph_does_not_grow_with_the_number_of_inputs(tmp_path):
+    """Inputs are listed on a worker: the launcher's graph holds the config, not the files."""
+    sizes = []
+    for n in (2, 200):
+        src = tmp_path / f"photos{n:04d}"
+        src.mkdir()
+        for i in range(n):
+            (src / f"{i:04d}.png").write_bytes(b"x")
+            (src / f"{i:04d}.txt").write_text("c")
+        args, _ = ingest._parser().parse_known_args(
+            ["--input", str(src), "--format", "folder", "--output", str(tmp_path / "out")])
+        p = beam.Pipeline(runner="FnApiRunner")
+        _ = p | ingest.IngestCorpus(ingest.config_from_args(args))
+        sizes.append(_graph_bytes(p))
+    assert abs(sizes[1] - sizes[0]) < 64, sizes
