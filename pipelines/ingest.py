@@ -252,7 +252,8 @@ class IngestCorpus(beam.PTransform):
                     dead | "TagDead" >> beam.Map(_tagged, "dead"))
                    | "AllWritten" >> beam.Flatten()
                    | "ListWritten" >> beam.combiners.ToList())
-        return stats | "Commit" >> beam.Map(ingest_shards.commit, beam.pvalue.AsSingleton(written), cfg)
+        return stats | "Commit" >> beam.Map(ingest_shards.commit,
+                                            beam.pvalue.AsSingleton(written), cfg)
 
 
 def check_inputs(cfg: IngestConfig) -> None:

@@ -35,7 +35,8 @@ from pipelines import validate
 
 __all__ = ["ReadConfig", "RawExample", "derived_uid", "provenance", "optional_str", "relative",
            "list_files", "batches", "parquet_work", "parquet_row_groups", "read_parquet",
-           "folder_probe", "folder_work", "read_folder", "whole", "IMAGE_EXTENSIONS", "CAPTION_EXTENSIONS"]
+           "folder_probe", "folder_work", "read_folder", "whole", "IMAGE_EXTENSIONS",
+           "CAPTION_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # Preferred first.
 CAPTION_EXTENSIONS = ("txt", "caption", "text")

@@ -160,7 +160,8 @@ def test_job_graph_does_not_grow_with_the_number_of_shards(tmp_path, stage):
                 corpus=corpus, output=str(tmp_path / "s"), batch_size=4, super_batch_size=8,
                 method="uniform"))
         sizes.append(_graph_bytes(p))
-    assert abs(sizes[1] - sizes[0]) < 64, sizes  # 2000 shard ids alone would be ~130 kB.
+    # 2000 shard ids alone would be ~130 kB; pickles of DoFns vary by a few bytes.
+    assert abs(sizes[1] - sizes[0]) < 1000, sizes
 
 
 def test_rerun_replaces_drop_lists_and_stale_shards(tmp_path):
@@ -186,7 +187,7 @@ def test_rerun_replaces_drop_lists_and_stale_shards(tmp_path):
 def test_ingest_job_graph_does_not_grow_with_the_number_of_inputs(tmp_path):
     """Inputs are listed on a worker: the launcher's graph holds the config, not the files."""
     sizes = []
-    for n in (2, 200):
+    for n in (2, 2000):
         src = tmp_path / f"photos{n:04d}"
         src.mkdir()
         for i in range(n):
@@ -197,4 +198,4 @@ def test_ingest_job_graph_does_not_grow_with_the_number_of_inputs(tmp_path):
         p = beam.Pipeline(runner="FnApiRunner")
         _ = p | ingest.IngestCorpus(ingest.config_from_args(args))
         sizes.append(_graph_bytes(p))
-    assert abs(sizes[1] - sizes[0]) < 64, sizes
+    assert abs(sizes[1] - sizes[0]) < 1000, sizes  # 2000 file names would be ~100 kB.
