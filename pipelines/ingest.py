@@ -353,6 +353,14 @@ def _check_append(cfg: IngestConfig) -> None:
     if previous.get("dedup") != cfg.dedup:
         raise ValueError(f"--append: {cfg.output} was deduplicated with --dedup "
                          f"{previous.get('dedup')}, not {cfg.dedup}")
+    # Units are known by (source, relative path): another input under a known source name
+    # would have its files taken for ones already ingested (and its uids would collide).
+    known = {i["source"]: i["input"] for i in previous.get("inputs", [])}
+    for read_cfg in cfg.inputs:
+        if known.get(read_cfg.source, read_cfg.input) != read_cfg.input:
+            raise ValueError(f"--append: source {read_cfg.source!r} already names "
+                             f"{known[read_cfg.source]} in {cfg.output}; give "
+                             f"{read_cfg.input} another --source")
 
 
 def run(argv=None, test_pipeline=None) -> dict:

@@ -59,6 +59,11 @@ def test_append_adds_shards_and_embed_touches_only_them(tmp_path):
          caption_of=lambda k: "picture a3" if k == "a3" else f"picture {k}")
     with pytest.raises(ValueError, match="deduplicated with --dedup image"):
         ingest.run(argv + ["--append", "--dedup", "none"])
+    other = tmp_path / "other" / "tars"
+    other.mkdir(parents=True)
+    _tar(other / "00000.tar", ["d1"])
+    with pytest.raises(ValueError, match="source 'web' already names"):
+        ingest.run(["--input", str(other)] + argv[2:] + ["--append"])
     grown = ingest.run(argv + ["--append"])
     check_accounting(grown, out)
     assert (grown["seen"], grown["ingested"], grown["num_shards"]) == (15, 13, 5)
