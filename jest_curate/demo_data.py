@@ -230,11 +230,10 @@ def _write_split(root: str, table: pa.Table, schema: pa.Schema, shard_size: int)
     """Shards `00000`, `00001`, ... of `shard_size` rows; returns {shard_id: sha256}."""
     fs, path = fsspec.core.url_to_fs(root)
     fs.makedirs(path, exist_ok=True)  # An empty split is still a (committed-empty) dataset.
-    shas = {}
-    for k, start in enumerate(range(0, table.num_rows, shard_size)):
-        info = formats.write_shard(root, f"{k:05d}", table.slice(start, shard_size), schema=schema)
-        shas[info.shard_id] = info.sha256
-    return shas
+    infos = [formats.write_shard(root, f"{k:05d}", table.slice(start, shard_size), schema=schema)
+             for k, start in enumerate(range(0, table.num_rows, shard_size))]
+    formats.write_index(root, infos, writer="jest-curate demo-data")
+    return {info.shard_id: info.sha256 for info in infos}
 
 
 def _is_complete(output: str, params: dict) -> Optional[dict]:

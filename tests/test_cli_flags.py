@@ -21,7 +21,7 @@ STAGES = {
     "bench-select": [],
 }
 # The typo users made, per command, and the flag it should be suggested as.
-TYPOS = {"ingest": ("--apend", None), "embed": ("--patch-dropuot", "--patch-dropout"),
+TYPOS = {"ingest": ("--apend", "--append"), "embed": ("--patch-dropuot", "--patch-dropout"),
          "select": ("--temprature", "--temperature"), "rounds": ("--refrence-embeddings",
                                                                  "--reference-embeddings"),
          "demo": ("--ful", "--full"), "train": ("--low-res-fracton", "--low-res-fraction"),

@@ -220,7 +220,7 @@ def detect_format(url: str) -> str:
     names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
     if "sizes.json" in names or any(n.endswith(".tar") for n in names):
         return "curated"
-    if any(n.endswith(".parquet.commit") for n in names):
+    if formats.INDEX in names or any(n.endswith(".parquet.commit") for n in names):
         return "canonical"
     raise DataError(f"{url}: neither curated shards (*.tar + sizes.json) nor a canonical "
                     "corpus (*.parquet with commit markers)")
