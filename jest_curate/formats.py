@@ -474,7 +474,17 @@ def committed_shard(root: str, shard_id: str) -> Optional[ShardInfo]:
 
 
 def remove_shard(root: str, shard_id: str) -> None:
-    """Uncommit, then delete, one shard (readers stop seeing it at the first step)."""
+    """Uncommit (its index entry, its marker), then delete, one shard (readers stop seeing
+    it at the first step)."""
+    try:
+        doc = read_json(join_url(root, INDEX))
+    except FileNotFoundError:
+        doc = None
+    if doc is not None and any(e["id"] == shard_id for e in doc["shards"]):
+        kept = [e for e in doc["shards"] if e["id"] != shard_id]
+        doc.update(shards=kept, num_shards=len(kept), num_rows=sum(e["rows"] for e in kept))
+        write_bytes_atomic(join_url(root, INDEX),
+                           (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode())
     fs, path = _fs(join_url(root, f"{shard_id}.parquet"))
     for p in (path + _MARKER, path, path[:-len(".parquet")] + _DROP):
         if fs.exists(p):

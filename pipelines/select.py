@@ -137,10 +137,16 @@ class _JoinShard(beam.DoFn):
     def __init__(self, cfg: SelectConfig, bucket_bits: int):
         self._cfg = cfg
         self._bits = bucket_bits
+        self._shared = shared.Shared()
 
     def setup(self):
         self._cards = {role: _load_card(getattr(self._cfg, role)) for role in ("reference",
                                                                                 "learner")}
+        # Each embeddings dataset's shards by id, from its index, once per worker process.
+        self._embedded = {role: self._shared.acquire(lambda root=root: _Shards(root),
+                                                     tag=f"shards:{root}")
+                          for role in ("reference", "learner")
+                          for root in [getattr(self._cfg, role)] if root}
         self._slice = frozenset(formats.read_uids(self._cfg.uids).to_pylist()) \
             if self._cfg.uids else None
 
@@ -185,12 +191,12 @@ class _JoinShard(beam.DoFn):
 
     def _embeddings(self, role: str, shard: formats.ShardInfo, uids):
         card = self._cards[role]
-        committed = formats.committed_shard(getattr(self._cfg, role), shard.shard_id)
+        committed = self._embedded[role].by_id.get(shard.shard_id)
         if committed is None:
             empty = np.zeros((0, 1), np.float16)
             return formats.Embeddings([], empty, empty, "", ""), np.full(len(uids), -1)
         url = committed.url
-        # The ShardInfo makes the read check the bytes against the marker's sha256.
+        # The ShardInfo makes the read check the bytes against the index's sha256.
         emb = formats.read_embeddings_shard(committed, expect_model_digest=card.model_digest)
         if emb.corpus_shard_sha256 != shard.version:
             raise formats.FormatError(
