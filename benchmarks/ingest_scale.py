@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics.metric import MetricsFilter
 from PIL import Image
 
+from benchmarks.scale import marginal_costs
 from jest_curate import demo_data, flags, formats
 from pipelines import ingest
 
@@ -188,9 +189,7 @@ def main(argv=None) -> int:
         c = best[k]
         n = c["examples"]
         rows[k] = {
-            "examples": n, "cpu_s": round(c["cpu_s"], 2), "wall_s": round(c["wall_s"], 2),
-            "cpu_ms_per_example": round(1000 * (c["cpu_s"] - fixed["cpu_s"]) / n, 4),
-            "raw_cpu_ms_per_example": round(1000 * c["cpu_s"] / n, 4),
+            **marginal_costs(c, fixed),
             "key_bytes_shuffled_per_example": round(c["key_bytes_shuffled"] / n, 1),
             "image_bytes_per_example": round(c["image_bytes"] / c["ingested"], 1),
             "row_bytes_per_example": round(c["row_bytes"] / c["ingested"], 1),

@@ -168,6 +168,14 @@ def select_peak_memory(root: str) -> dict:
 
 # --------------------------------------------------------------------------- main
 
+def marginal_costs(run: dict, fixed: dict) -> dict:
+    """Per-size costs: CPU per example over the fixed cost of the 0x run, and raw."""
+    n = run["examples"]
+    return {"examples": n, "cpu_s": round(run["cpu_s"], 2), "wall_s": round(run["wall_s"], 2),
+            "cpu_ms_per_example": round(1000 * (run["cpu_s"] - fixed["cpu_s"]) / n, 4),
+            "raw_cpu_ms_per_example": round(1000 * run["cpu_s"] / n, 4)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,13 +222,10 @@ def main(argv=None) -> int:
     rows = {}
     for k in sizes:
         c = best[k]
-        n = c["examples"]
         rows[k] = {
-            "examples": n,
-            "cpu_s": round(c["cpu_s"], 2), "wall_s": round(c["wall_s"], 2),
-            "cpu_ms_per_example": round(1000 * (c["cpu_s"] - fixed["cpu_s"]) / n, 4),
-            "wall_ms_per_example": round(1000 * (c["wall_s"] - fixed["wall_s"]) / n, 4),
-            "raw_cpu_ms_per_example": round(1000 * c["cpu_s"] / n, 4),
+            **marginal_costs(c, fixed),
+            "wall_ms_per_example": round(1000 * (c["wall_s"] - fixed["wall_s"]) / c["examples"],
+                                         4),
             "stage_cpu_s": {s: round(c[s]["cpu_s"], 2) for s in
                             ("ingest", "embed_ref", "embed_lrn", "select")},
             "select_peak_mem_bytes": memory[k]["peak_bytes"],
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
             "select_python_peak_bytes": memory[k]["python_peak_bytes"],
             "select_calls": memory[k]["calls"],
         }
-        print(f"{k}x: {n} examples, {rows[k]['cpu_ms_per_example']:.3f} CPU ms/example "
+        print(f"{k}x: {c['examples']} examples, {rows[k]['cpu_ms_per_example']:.3f} CPU ms/example "
               f"(marginal; raw {rows[k]['raw_cpu_ms_per_example']:.3f}), "
               f"{rows[k]['wall_ms_per_example']:.3f} wall ms/example, select peak "
               f"{rows[k]['select_peak_mem_bytes'] / 2**20:.2f} MiB over "
