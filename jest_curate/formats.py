@@ -63,11 +63,15 @@ LABELED_CORPUS_SCHEMA = pa.schema(
     metadata={"jest.schema": "labeled_corpus/v1"})
 
 # Ground truth about the demo pool's captions. Reports read it; selection never does.
+# `noise_kind` says how the row was made (clean, wrong_item, boilerplate, off_topic,
+# exact_duplicate, near_duplicate); `caption_kind` what its caption is (clean, wrong_item,
+# boilerplate, off_topic), so a duplicate with a clean caption is not caption noise.
 NOISE_SCHEMA = pa.schema([
     pa.field("uid", pa.string(), nullable=False),
-    pa.field("noisy", pa.bool_(), nullable=False),
-    pa.field("noise_kind", pa.string(), nullable=False),  # "clean" when not noisy
-], metadata={"jest.schema": "noise/v1"})
+    pa.field("noisy", pa.bool_(), nullable=False),  # The caption does not describe the image.
+    pa.field("noise_kind", pa.string(), nullable=False),
+    pa.field("caption_kind", pa.string(), nullable=False),
+], metadata={"jest.schema": "noise/v2"})
 
 # One row per example per round: what selection decided and why.
 MANIFEST_SCHEMA = pa.schema([

@@ -65,12 +65,31 @@ def speedups(uniform: dict, method: dict) -> dict:
     return result
 
 
+# Noise kinds reported separately: (name, ground-truth column, values).
+NOISE_CATEGORIES = (("mismatched", "caption_kind", ("wrong_item",)),
+                    ("boilerplate", "caption_kind", ("boilerplate",)),
+                    ("off_topic", "caption_kind", ("off_topic",)),
+                    ("duplicate", "noise_kind", ("exact_duplicate", "near_duplicate")))
+
+
+def _noise_flags(noise_dir: str) -> dict:
+    """{uid: (noisy caption, category flags...)} from the demo's ground truth.
+
+    A v1 ground truth (no caption_kind) read its duplicates as noisy whatever their
+    caption; the categories then fall back to noise_kind.
+    """
+    table = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(noise_dir))
+    columns = {c: table.column(c).to_pylist() for c in table.column_names}
+    columns.setdefault("caption_kind", columns["noise_kind"])
+    flags = [columns["noisy"]] + [[v in values for v in columns[col]]
+                                  for _, col, values in NOISE_CATEGORIES]
+    return dict(zip(columns["uid"], zip(*flags)))
+
+
 def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
-    """Per round: noisy share of selected examples and learnability selected vs rejected."""
-    noisy = None
-    if noise_dir:
-        table = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(noise_dir))
-        noisy = dict(zip(table.column("uid").to_pylist(), table.column("noisy").to_pylist()))
+    """Per round: noisy share of selected examples (overall and per noise category, see
+    NOISE_CATEGORIES) and learnability selected vs rejected."""
+    noisy = _noise_flags(noise_dir) if noise_dir else None
     rows = []
     rounds_dir = os.path.join(run_dir, "rounds")
     for name in sorted(os.listdir(rounds_dir)):
@@ -84,9 +103,13 @@ def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
         uids = decided.column("uid").to_pylist()
         row = {"round": int(name[1:])}
         if noisy is not None:
-            flags = np.array([noisy.get(u, False) for u in uids])
-            row["noisy_share_selected"] = float(flags[sel].mean()) if sel.any() else None
-            row["noisy_share_candidates"] = float(flags.mean())
+            none = (False,) * (1 + len(NOISE_CATEGORIES))
+            flags = np.array([noisy.get(u, none) for u in uids], bool).reshape(len(uids), -1)
+            for j, name in enumerate(["noisy"] + [c[0] for c in NOISE_CATEGORIES]):
+                row[f"{name}_share_selected"] = float(flags[sel, j].mean()) if sel.any() \
+                    else None
+                row[f"{name}_share_candidates"] = float(flags[:, j].mean()) if len(uids) \
+                    else None
         lrn = decided.column("learner_loss").to_numpy(zero_copy_only=False).astype(float)
         ref = decided.column("reference_loss").to_numpy(zero_copy_only=False).astype(float)
         learnability = lrn - ref
@@ -174,6 +197,10 @@ def write_report(output: str, *, runs: dict, reference_eval: dict, noise_dir: Op
         if rows:
             summary.setdefault("noisy_share_selected", {})[m] = float(
                 np.mean([r["noisy_share_selected"] for r in rows]))
+            summary.setdefault("noise_share_by_kind", {})[m] = {
+                name: {side: float(np.mean([r[f"{name}_share_{side}"] for r in rows]))
+                       for side in ("selected", "candidates")}
+                for name, _, _ in NOISE_CATEGORIES}
     headline = summary["methods"].get("jest", {})
     summary["examples_speedup"] = headline.get("examples_speedup")
     summary["flops_speedup"] = headline.get("flops_speedup")
