@@ -669,6 +669,9 @@ class RunConfig:
     train_precision: str = "auto"  # auto | fp32 | bf16
     pool: Optional[str] = None  # Canonical corpus URL the rounds draw from.
     reference_checkpoint: Optional[str] = None  # Trained on the curated set.
+    # FLOPs spent training the reference (early stopping's extra steps and held-out evals
+    # included); None: the reference checkpoint's own training FLOPs.
+    reference_training_flops: Optional[int] = None
     eval_data: Optional[str] = None  # eval/ directory (zero-shot, retrieval).
     eval_every: int = 1  # Rounds between evaluations (the last round is always evaluated).
     eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.

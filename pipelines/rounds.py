@@ -41,6 +41,7 @@ import numpy as np
 from jest_core import filtering
 from jest_curate import formats
 from jest_curate import hashing
+from jest_curate import ledger as ledger_lib
 from pipelines import embed as embed_stage
 from pipelines import select as select_stage
 from training import evaluate as evaluate_lib
@@ -262,6 +263,7 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
               "scored_examples": scoring["examples"], "step": trained.step,
               "checkpoint": trained.checkpoint, "examples_seen": trained.examples_seen,
               "train_flops": trained.flops,
+              "selection_flops": select_stats.get("selection_flops", 0),
               "selection": {k: select_stats.get(k) for k in (
                   "selected", "rejected", "carried", "dead_lettered",
                   "mean_batch_score_selected", "mean_batch_score_random")}}
@@ -312,17 +314,24 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     if not formats.exists(train_lib.checkpoint_url(paths.learner(), 0)):
         train_lib.train(_train_config(cfg, paths, None, 0))  # Step 0 scores round 0.
     records = [_run_round(cfg, paths, r, slices, beam_args) for r in range(cfg.rounds)]
+    # Methods that consult the reference pay for training it (jest_curate/ledger.py).
+    reference_training = ledger_lib.reference_training_flops(
+        cfg.reference_checkpoint, cfg.reference_training_flops) if reference_flops else 0
     summary = {"name": cfg.name, "method": cfg.method, "seed": cfg.seed,
+               "reference_training_flops": reference_training,
                "reference_scoring_flops": reference_flops,
                "pool_examples": len(uids), "filter_flops": filter_flops,
                "passes": records[-1]["pass"] + 1, "rounds": []}
+    ledgers = ledger_lib.run_ledger(records, reference_training=reference_training,
+                                    reference_scoring=reference_flops, filter_flops=filter_flops)
     scoring = reference_flops + filter_flops
-    for rec in records:
+    for rec, ledger in zip(records, ledgers):
         scoring += rec["scoring_flops"]
         summary["rounds"].append({
             "round": rec["round"], "examples_seen": rec["examples_seen"],
             "train_flops": rec["train_flops"], "scoring_flops_cumulative": scoring,
-            "total_flops": rec["train_flops"] + scoring,
+            "total_flops": ledger["all_in"], "total_flops_amortised": ledger["amortised"],
+            "ledger": ledger,
             "staleness_steps": (rec["scored_by"] or {}).get("staleness_steps"),
             "eval": rec.get("eval")})
     formats.write_json_atomic(formats.join_url(output, "summary.json"), summary)

@@ -213,8 +213,10 @@ def test_clip_score_keeps_the_top_fraction_once_and_trains_uniformly_on_it(setup
     assert summary["pool_examples"] == len(kept) and summary["filter_flops"] == stats["flops"]
     assert summary["reference_scoring_flops"] > 0
     last = summary["rounds"][-1]
+    assert last["ledger"]["learner_scoring"] == 0
+    assert last["ledger"]["selection"] == stats["flops"]  # Uniform selection: no matmuls.
     assert last["total_flops"] == (last["train_flops"] + summary["reference_scoring_flops"]
-                                   + stats["flops"])
+                                   + stats["flops"] + summary["reference_training_flops"])
     with pytest.raises(ValueError, match="filter_ratio 0"):
         dataclasses.replace(clip, super_batch_size=40)
     with pytest.raises(ValueError, match="keep_fraction"):
@@ -240,3 +242,36 @@ def test_multi_resolution_training_reaches_the_learner(setup, finished):
     assert ckpt.extra["flops_per_example_train"] < full.extra["flops_per_example_train"]
     with pytest.raises(ValueError, match="multi-resolution"):
         dataclasses.replace(cfg, train_low_res_size=14)
+
+
+def test_the_ledger_adds_up_every_cost_of_the_run(setup, finished):
+    root, _, cfg = setup
+    out, summary = finished
+    ref = formats.load_checkpoint(cfg.reference_checkpoint)
+    assert summary["reference_training_flops"] == ref.extra["flops"] > 0
+    learner = selection = 0
+    for r, entry in enumerate(summary["rounds"]):
+        rec = formats.read_json(os.path.join(out, "rounds", f"r{r:04d}", "round.json"))
+        stats = formats.read_json(os.path.join(out, "rounds", f"r{r:04d}", "selection",
+                                               "stats.json"))
+        learner += rec["scoring_flops"]
+        selection += stats["selection_flops"]
+        ledger = entry["ledger"]
+        assert ledger == {
+            "reference_training": ref.extra["flops"],
+            "reference_scoring": summary["reference_scoring_flops"],
+            "learner_scoring": learner, "selection": selection,
+            "training": rec["train_flops"],
+            "all_in": ref.extra["flops"] + summary["reference_scoring_flops"] + learner
+            + selection + rec["train_flops"],
+            "amortised": summary["reference_scoring_flops"] + learner + selection
+            + rec["train_flops"]}
+        assert entry["total_flops"] == ledger["all_in"]
+        assert entry["total_flops_amortised"] == ledger["amortised"]
+    assert selection > 0 and learner > 0
+    # A recorded reference cost (e.g. early stopping's) replaces the checkpoint's.
+    recorded = dataclasses.replace(cfg, name="tiny-recorded", rounds=1,
+                                   reference_training_flops=123)
+    again = rounds.run_rounds(recorded, str(root / "run_recorded"), beam_args=BEAM,
+                              reference_embeddings=str(root / "ref_emb"))
+    assert again["rounds"][0]["ledger"]["reference_training"] == 123
