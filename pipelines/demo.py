@@ -1,8 +1,10 @@
 """`jest-curate demo`: the whole product on real photos, offline, in minutes.
 
 Builds the Fashion-MNIST demo corpus if missing, trains the reference model on the
-curated set, runs `rounds` for every method on the same seeds and budgets (all methods
-through the same select stage), evaluates along the way and writes OUTPUT/report/.
+curated set, runs `rounds` for every method at every budget (each run with its own full
+learning-rate schedule) and seed, all methods through the same select stage, and writes
+OUTPUT/report/: budget-matched iso-accuracy speedups in examples and FLOPs (all-in and
+reference-amortised) with bootstrap intervals over seeds (jest_curate/report.py).
 `--full` runs the study behind the README's headline (more seeds, longer budgets, more
 methods and levers); it may take hours.
 """
@@ -49,6 +51,9 @@ class DemoConfig:
     data_seed: int = 0
     variants: dict = dataclasses.field(default_factory=dict)  # name -> {method, RunConfig overrides}
     corpus: dict = dataclasses.field(default_factory=dict)  # demo_data.build_demo_corpus sizes
+    # Training budgets in steps: every method runs once per budget (and seed), each run
+    # with its own full schedule. Empty: one budget, the run's rounds x steps_per_round.
+    budget_steps: tuple = ()
 
     @classmethod
     def load(cls, path: str) -> "DemoConfig":
@@ -101,29 +106,49 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
     ref_result, ref_eval = _reference(cfg, data, os.path.join(output, "reference"))
     log.info("reference: %s", ref_eval)
     runs = {}
-    variants = {m: {"method": m} for m in cfg.methods}
-    variants.update(cfg.variants)
-    plan = [(name, variant, seed) for name, variant in variants.items() for seed in cfg.seeds]
-    for i, (name, variant, seed) in enumerate(plan):
+    for i, (name, steps, seed, fields) in enumerate(plan_runs(cfg)):
+        run_dir = os.path.join(output, "runs", f"{name}-b{steps}-s{seed}")
+        runs.setdefault(name, {}).setdefault(steps, []).append(run_dir)
         if part is not None and i % part[1] != part[0]:
             continue
-        overrides = {k: v for k, v in variant.items() if k != "method"}
         run_cfg = formats.RunConfig(**{
-            **cfg.run, **overrides, "name": f"{name}-s{seed}", "seed": seed,
-            "method": variant["method"], "pool": formats.join_url(data, "pool"),
+            **fields, "name": f"{name}-b{steps}-s{seed}", "seed": seed,
+            "pool": formats.join_url(data, "pool"),
             "reference_checkpoint": ref_result.checkpoint,
             "eval_data": formats.join_url(data, "eval")})
-        run_dir = os.path.join(output, "runs", f"{name}-s{seed}")
         log.info("running %s", run_cfg.name)
         rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
                               reference_embeddings=os.path.join(output, "reference_embeddings"))
-        runs.setdefault(name, []).append(run_dir)
     if part is not None:
         return None
     return report_lib.write_report(
-        os.path.join(output, "report"), runs=runs, reference_eval=ref_eval,
+        os.path.join(output, "report"), runs=runs,
+        reference={"eval": ref_eval, "checkpoint": ref_result.checkpoint,
+                   "training_flops": ref_result.flops},
         noise_dir=os.path.join(data, "ground_truth", "noise"),
         settings={"config": os.path.basename(config_path), **dataclasses.asdict(cfg)})
+
+
+def plan_runs(cfg: DemoConfig) -> list:
+    """[(variant name, budget steps, seed, RunConfig fields)] in config order.
+
+    Each budget is its own run (rounds = steps / steps_per_round), so its learning-rate
+    schedule spans exactly that budget.
+    """
+    variants = {m: {"method": m} for m in cfg.methods}
+    variants.update(cfg.variants)
+    plan = []
+    for name, variant in variants.items():
+        fields = {**cfg.run, **variant}
+        k = fields["steps_per_round"]
+        budgets = cfg.budget_steps or (fields["rounds"] * k,)
+        for steps in budgets:
+            if steps % k:
+                raise ValueError(f"budget of {steps} steps is not a whole number of rounds of "
+                                 f"{k} steps (variant {name})")
+            plan += [(name, steps, seed, {**fields, "rounds": steps // k})
+                     for seed in cfg.seeds]
+    return plan
 
 
 def run(argv=None) -> int:

@@ -133,13 +133,13 @@ def test_config_change_is_refused_and_report_is_written(setup, finished):
     rounds.run_rounds(dataclasses.replace(cfg, method="uniform"), uniform_out, beam_args=BEAM,
                       reference_embeddings=str(root / "ref_emb"))
     summary = report.write_report(
-        str(root / "report"), runs={"uniform": [uniform_out], "jest": [out]},
-        reference_eval={"zeroshot_top1": 0.1},
+        str(root / "report"), runs={"uniform": {4: [uniform_out]}, "jest": {4: [out]}},
+        reference={"eval": {"zeroshot_top1": 0.1}},
         noise_dir=os.path.join(data, "ground_truth", "noise"), settings={})
     for key in ("examples_speedup", "flops_speedup", "final_zero_shot", "reference_zero_shot",
                 "learner_beats_reference"):
         assert key in summary
-    for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "selection.png"):
+    for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "noise_kinds.png"):
         assert os.path.getsize(os.path.join(str(root / "report"), png)) > 1000
     assert "uniform" in open(os.path.join(str(root / "report"), "table.md")).read()
 
