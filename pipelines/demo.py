@@ -21,6 +21,7 @@ from jest_curate import formats
 from jest_curate import hashing
 from jest_curate import report as report_lib
 from pipelines import rounds as rounds_lib
+from training import early_stopping
 from training import train as train_lib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jest_curate" / "configs"
@@ -35,6 +36,13 @@ class ReferenceConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 0
     precision: str = "auto"
+    # Held-out early stopping (training/early_stopping.py): `steps` is then the most it
+    # may train; every `eval_every` steps the held-out SigLIP loss (holdout_fraction of
+    # the curated set, never the test split) is measured, and training stops after
+    # `patience` evaluations without improvement. eval_every 0: train all `steps`.
+    holdout_fraction: float = 0.1
+    eval_every: int = 0
+    patience: int = 3
 
 
 _CORPUS_SIZES = ("pool_size", "curated_size", "eval_size", "retrieval_size", "shard_size")
@@ -65,21 +73,38 @@ class DemoConfig:
         return cfg
 
 
-def _reference(cfg: DemoConfig, data: str, out: str) -> tuple:
+def _reference(cfg: DemoConfig, data: str, out: str) -> dict:
+    """Trains (or resumes) the reference; {"checkpoint", "training_flops", "eval", ...}."""
     ref = formats.load_dataclass(ReferenceConfig, cfg.reference, "reference")
-    result = train_lib.train(train_lib.TrainConfig(
-        model=ref.model, output=out, data=formats.join_url(data, "curated"),
+    curated = formats.join_url(data, "curated")
+    train_cfg = train_lib.TrainConfig(
+        model=ref.model, output=out, data=curated,
         data_format="canonical", batch_size=ref.batch_size, total_steps=ref.steps,
         learning_rate=ref.learning_rate, warmup_steps=ref.warmup_steps, precision=ref.precision,
         seed=hashing.derive_seed(cfg.data_seed, "reference_init"), resume=True,
-        tensorboard=False))
+        tensorboard=False)
+    if ref.eval_every:
+        split = early_stopping.split_holdout(curated, os.path.join(out, "data"),
+                                             fraction=ref.holdout_fraction,
+                                             seed=hashing.derive_seed(cfg.data_seed, "holdout"))
+        record = early_stopping.train_with_early_stopping(
+            dataclasses.replace(train_cfg, data=split["train"]), holdout=split["holdout"],
+            eval_every=ref.eval_every, patience=ref.patience)
+        info = {"checkpoint": record["best_checkpoint"], "training_flops": record["flops"],
+                "early_stopping": {k: record[k] for k in (
+                    "best_step", "best_holdout_loss", "stopped_at_step", "stopped_early",
+                    "history", "training_flops", "holdout_flops")},
+                "holdout_split": split["counts"]}
+    else:
+        result = train_lib.train(train_cfg)
+        info = {"checkpoint": result.checkpoint, "training_flops": result.flops}
     eval_url = os.path.join(out, "eval.json")
     if not os.path.exists(eval_url):
         eval_data = rounds_lib.eval_data(formats.join_url(data, "eval"),
                                          cfg.run.get("eval_max_examples"))
-        formats.write_json_atomic(eval_url, rounds_lib.evaluate_checkpoint(result.checkpoint,
+        formats.write_json_atomic(eval_url, rounds_lib.evaluate_checkpoint(info["checkpoint"],
                                                                            eval_data))
-    return result, formats.read_json(eval_url)
+    return {**info, "eval": formats.read_json(eval_url)}
 
 
 def parse_part(text: str) -> tuple:
@@ -103,8 +128,8 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
     cfg = DemoConfig.load(config_path)
     data = os.path.join(output, "data")
     demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
-    ref_result, ref_eval = _reference(cfg, data, os.path.join(output, "reference"))
-    log.info("reference: %s", ref_eval)
+    reference = _reference(cfg, data, os.path.join(output, "reference"))
+    log.info("reference: %s", reference["eval"])
     runs = {}
     for i, (name, steps, seed, fields) in enumerate(plan_runs(cfg)):
         run_dir = os.path.join(output, "runs", f"{name}-b{steps}-s{seed}")
@@ -114,7 +139,8 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
         run_cfg = formats.RunConfig(**{
             **fields, "name": f"{name}-b{steps}-s{seed}", "seed": seed,
             "pool": formats.join_url(data, "pool"),
-            "reference_checkpoint": ref_result.checkpoint,
+            "reference_checkpoint": reference["checkpoint"],
+            "reference_training_flops": reference["training_flops"],
             "eval_data": formats.join_url(data, "eval")})
         log.info("running %s", run_cfg.name)
         rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
@@ -123,8 +149,7 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
         return None
     return report_lib.write_report(
         os.path.join(output, "report"), runs=runs,
-        reference={"eval": ref_eval, "checkpoint": ref_result.checkpoint,
-                   "training_flops": ref_result.flops},
+        reference=reference,
         noise_dir=os.path.join(data, "ground_truth", "noise"),
         settings={"config": os.path.basename(config_path), **dataclasses.asdict(cfg)})
 

@@ -13,8 +13,9 @@ TINY = {
     "noise": 0.5,
     "corpus": {"pool_size": 400, "curated_size": 96, "eval_size": 64, "retrieval_size": 32,
                "shard_size": 128},
-    "reference": {"model": "jest-vit-micro-28", "steps": 3, "batch_size": 16,
-                  "precision": "fp32"},
+    "reference": {"model": "jest-vit-micro-28", "steps": 4, "batch_size": 16,
+                  "precision": "fp32", "holdout_fraction": 0.2, "eval_every": 2,
+                  "patience": 1},
     "budget_steps": [2, 4],
     "run": {"batch_size": 8, "super_batch_size": 40, "chunks": 4, "steps_per_round": 2,
             "rounds": 2, "learner_model": "jest-vit-micro-28",
@@ -66,6 +67,13 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     assert ledger["all_in"] == sum(ledger[k] for k in (
         "reference_training", "reference_scoring", "learner_scoring", "selection", "training"))
     assert summary["methods"]["uniform"]["ledger"][-1]["reference_training"] == 0
+    # The reference stopped on held-out loss; its ledger cost is everything it spent.
+    stopping = summary["reference"]["early_stopping"]
+    assert stopping["best_step"] in (2, 4) and summary["reference"]["checkpoint"].endswith(
+        f"step_{stopping['best_step']:08d}.pt")
+    assert summary["reference"]["training_flops"] == (stopping["training_flops"]
+                                                      + stopping["holdout_flops"])
+    assert "learner_minus_reference" in summary
     assert set(summary["noise_share_by_kind"]["jest"]) == {
         "noisy", "mismatched", "boilerplate", "off_topic", "duplicate"}
     table = open(os.path.join(out, "report", "table.md")).read()
