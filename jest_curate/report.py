@@ -104,7 +104,8 @@ def final_metrics(run_summary: dict) -> dict:
         learner_scoring=last["scoring_flops_cumulative"]
         - run_summary.get("reference_scoring_flops", 0), selection=0,
         training=last["train_flops"])
-    return {"accuracy": ev[METRIC], "balanced": ev.get("zeroshot_balanced_top1"),
+    return {"flops_per_example": run_summary.get("flops_per_example", {}),
+            "accuracy": ev[METRIC], "balanced": ev.get("zeroshot_balanced_top1"),
             "per_class": ev.get("zeroshot_top1_per_class"),
             "retrieval_r1": float(np.mean(r1)) if r1 else None,
             "examples": last["examples_seen"], "ledger": entry}
@@ -178,6 +179,7 @@ def study_summary(metrics: dict, *, num_resamples: int = 2000, seed: int = 0) ->
                            for k in ledger_lib.COMPONENTS + ("all_in", "amortised")}
                           for b in a["budgets"]],
                "per_class_largest": _per_class_mean(metrics[m][a["budgets"][-1]]),
+               "flops_per_example": _flops_per_example(metrics[m][a["budgets"][-1]]),
                **point[m]}
         for key in _SPEEDUP_KEYS:
             ci = study_stats.bootstrap_interval(
@@ -199,6 +201,12 @@ def study_summary(metrics: dict, *, num_resamples: int = 2000, seed: int = 0) ->
 def _mean_of(per_budget: dict, budgets: list, key: str) -> list:
     return [None if any(s[key] is None for s in per_budget[b])
             else float(np.mean([s[key] for s in per_budget[b]])) for b in budgets]
+
+
+def _flops_per_example(runs: list) -> dict:
+    """Measured FLOPs per example (training, learner and reference scoring), seed mean."""
+    keys = set.intersection(*(set(r["flops_per_example"]) for r in runs)) if runs else set()
+    return {k: float(np.mean([r["flops_per_example"][k] for r in runs])) for k in sorted(keys)}
 
 
 def _per_class_mean(runs: list) -> Optional[dict]:
@@ -374,6 +382,13 @@ def render_table(summary: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(
                 f"{shares[k]['selected']:.2f} ({shares[k]['candidates']:.2f})" for k in kinds)
                 + " |")
+    lines += ["", "| method | training FLOPs per example | learner scoring FLOPs per "
+              "candidate | reference scoring FLOPs per pool example |", "| --- | --- | --- | --- |"]
+    for m in _ordered(summary["methods"]):
+        fpe = summary["methods"][m].get("flops_per_example") or {}
+        lines.append(f"| {m} | " + " | ".join(
+            f"{fpe[k] / 1e6:.2f} M" if k in fpe else "-"
+            for k in ("training", "learner_scoring", "reference_scoring")) + " |")
     ref = summary.get("reference_zero_shot")
     beats = summary.get("learner_minus_reference")
     lines.append(f"\nreference model zero-shot: {_fmt(ref)}; JEST learner minus reference: "

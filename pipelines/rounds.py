@@ -292,7 +292,7 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     paths = _Paths(output, formats.join_url(
         reference_embeddings or formats.join_url(output, "reference_embeddings"),
         scoring_key(cfg)))
-    reference_flops = 0
+    reference_flops, per_example = 0, {}
     if cfg.method != "hard-learner":
         if cfg.reference_checkpoint is None:
             raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
@@ -302,6 +302,7 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
                      overwrite=False)
         if cfg.method != "uniform":  # Uniform consults no scores.
             reference_flops = ref["flops_per_example"] * ref["embedded"]
+            per_example["reference_scoring"] = ref["flops_per_example"]
     uids = pool_uids(None if cfg.method == "hard-learner" else paths.reference_embeddings,
                      cfg.pool)
     filter_flops = 0
@@ -317,7 +318,13 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     # Methods that consult the reference pay for training it (jest_curate/ledger.py).
     reference_training = ledger_lib.reference_training_flops(
         cfg.reference_checkpoint, cfg.reference_training_flops) if reference_flops else 0
+    scored = [rec for rec in records if rec["scored_examples"]]
+    if scored:  # Measured by the embed stage at the run's scoring settings.
+        per_example["learner_scoring"] = scored[0]["scoring_flops"] / scored[0]["scored_examples"]
+    if records[-1]["examples_seen"]:  # Mean over every step (mixed resolutions included).
+        per_example["training"] = records[-1]["train_flops"] / records[-1]["examples_seen"]
     summary = {"name": cfg.name, "method": cfg.method, "seed": cfg.seed,
+               "flops_per_example": per_example,
                "reference_training_flops": reference_training,
                "reference_scoring_flops": reference_flops,
                "pool_examples": len(uids), "filter_flops": filter_flops,

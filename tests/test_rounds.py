@@ -240,6 +240,9 @@ def test_multi_resolution_training_reaches_the_learner(setup, finished):
                                                 f"step_{step:08d}.pt"))
     # Half of every batch at 14 px costs less per example than all of it at 28 px.
     assert ckpt.extra["flops_per_example_train"] < full.extra["flops_per_example_train"]
+    summary = formats.read_json(os.path.join(out, "summary.json"))
+    assert summary["flops_per_example"]["training"] < finished[1]["flops_per_example"][
+        "training"]
     with pytest.raises(ValueError, match="multi-resolution"):
         dataclasses.replace(cfg, train_low_res_size=14)
 
@@ -269,6 +272,9 @@ def test_the_ledger_adds_up_every_cost_of_the_run(setup, finished):
         assert entry["total_flops"] == ledger["all_in"]
         assert entry["total_flops_amortised"] == ledger["amortised"]
     assert selection > 0 and learner > 0
+    fpe = summary["flops_per_example"]
+    assert fpe["training"] == summary["rounds"][-1]["train_flops"] / 32
+    assert fpe["learner_scoring"] > 0 and fpe["reference_scoring"] > 0
     # A recorded reference cost (e.g. early stopping's) replaces the checkpoint's.
     recorded = dataclasses.replace(cfg, name="tiny-recorded", rounds=1,
                                    reference_training_flops=123)

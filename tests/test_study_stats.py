@@ -77,7 +77,7 @@ def _metrics(curves, flops_per_example, reference_training=0):
         for i, b in enumerate(BUDGETS[:len(per_seed[0])]):
             examples = b
             train = flops_per_example[m] * examples
-            out[m][b] = [{"accuracy": acc[i], "balanced": acc[i], "retrieval_r1": 0.1,
+            out[m][b] = [{"flops_per_example": {"training": 3.0}, "accuracy": acc[i], "balanced": acc[i], "retrieval_r1": 0.1,
                           "per_class": None, "examples": examples,
                           "ledger": {"reference_training": reference_training,
                                      "reference_scoring": 0, "learner_scoring": 0,
