@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 __all__ = ["Crossing", "iso_accuracy_crossing", "interpolate_at", "bootstrap_interval",
-           "paired_difference", "excludes"]
+           "bootstrap_draws", "percentile_interval", "paired_difference", "excludes"]
 
 REACHED, AT_MOST, NOT_REACHED = "interpolated", "at_most_smallest_budget", "not_reached"
 
@@ -92,13 +92,25 @@ def bootstrap_interval(statistic: Callable[[np.ndarray], float], num_seeds: int,
     `statistic` receives [num_seeds] int indices drawn with replacement and returns a
     float (use 0.0 for a speedup that is not reached). None with fewer than 2 seeds.
     """
+    draws = bootstrap_draws(num_seeds, num_resamples=num_resamples, seed=seed)
+    if draws is None:
+        return None
+    return percentile_interval([statistic(idx) for idx in draws], level=level)
+
+
+def bootstrap_draws(num_seeds: int, *, num_resamples: int = 2000,
+                    seed: int = 0) -> Optional[np.ndarray]:
+    """[num_resamples, num_seeds] seed indices drawn with replacement; None under 2 seeds."""
     if num_seeds < 2:
         return None
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, num_seeds, size=(num_resamples, num_seeds))
-    values = np.array([statistic(idx) for idx in draws], np.float64)
+    return np.random.default_rng(seed).integers(0, num_seeds, size=(num_resamples, num_seeds))
+
+
+def percentile_interval(values: Sequence[float], *, level: float = 0.95) -> tuple:
+    """The (lower, upper) percentiles of bootstrap replicates (inverted-CDF quantiles)."""
     alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(values, [alpha, 1.0 - alpha], method="inverted_cdf")
+    lo, hi = np.quantile(np.asarray(values, np.float64), [alpha, 1.0 - alpha],
+                         method="inverted_cdf")
     return float(lo), float(hi)
 
 
