@@ -36,6 +36,7 @@ setuptools.setup(
     extras_require={
         "dev": [
             "pytest>=7",
+            "packaging>=23",  # tests/test_setup.py reads the lock against these ranges.
             "pytest-xdist>=3",
             "open_clip_torch[training]>=2.26",  # Tests load our shards with open_clip_train.
             "webdataset>=0.2.48,<=0.2.86",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jest_curate import demo_data
+from jest_curate import demo_data, flags
 from jest_curate import formats
 from pipelines import embed
 from training import scoring
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--forward-batches", type=int, default=8,
                         help="Batches timed per precision in the bf16/fp32 comparison.")
-    args = parser.parse_args(argv)
+    args = flags.parse_strict(parser, argv)[0]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 

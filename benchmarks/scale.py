@@ -43,6 +43,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from jest_curate import demo_data
+from jest_curate import flags
 from jest_curate import formats
 from pipelines import embed
 from pipelines import ingest
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pool", type=int, default=None,
                         help="Demo pool size to draw from (default: the largest slice, at "
                              "most the whole Fashion-MNIST train split).")
-    args = parser.parse_args(argv)
+    args = flags.parse_strict(parser, argv)[0]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]

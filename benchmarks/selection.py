@@ -26,6 +26,7 @@ import time
 import torch
 
 import jest_core
+from jest_curate import flags
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own default, all cores)")
-    args = parser.parse_args(argv)
+    args = flags.parse_strict(parser, argv)[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = (dict(super_batch=4096, batch_size=1024, num_chunks=8, dim=256) if args.small

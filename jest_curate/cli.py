@@ -2,9 +2,16 @@
 
 Subcommands are imported lazily so `jest-curate train` never imports Beam and
 `--help` stays fast. Each target is a `run(argv)` function that parses its own flags.
+Errors in what the user gave (a missing input, a bad config or file) print one line, not
+a traceback; JEST_CURATE_DEBUG=1 shows the traceback.
 """
 import importlib
+import os
 import sys
+
+# FormatError, CheckpointError, DataError, ModelConfigError and config errors are
+# ValueErrors; a missing input is a FileNotFoundError.
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
 
 # name -> ("module:function", one-line help). Every target takes argv (a list).
 COMMANDS = {
@@ -39,7 +46,13 @@ def main(argv=None) -> int:
         print(f"jest-curate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
-    result = getattr(importlib.import_module(module_name), func_name)(rest)
+    try:
+        result = getattr(importlib.import_module(module_name), func_name)(rest)
+    except USER_ERRORS as e:
+        if os.environ.get("JEST_CURATE_DEBUG"):
+            raise
+        print(f"jest-curate {name}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from jest_curate import captions, formats, hashing
+from jest_curate import captions, flags, formats, hashing
 
 __all__ = ["SOURCE", "find_fashion_mnist", "load_fashion_mnist",
            "build_demo_corpus", "run"]
@@ -236,11 +236,10 @@ def _write_split(root: str, table: pa.Table, schema: pa.Schema, shard_size: int)
     """Shards `00000`, `00001`, ... of `shard_size` rows; returns {shard_id: sha256}."""
     fs, path = fsspec.core.url_to_fs(root)
     fs.makedirs(path, exist_ok=True)  # An empty split is still a (committed-empty) dataset.
-    shas = {}
-    for k, start in enumerate(range(0, table.num_rows, shard_size)):
-        info = formats.write_shard(root, f"{k:05d}", table.slice(start, shard_size), schema=schema)
-        shas[info.shard_id] = info.sha256
-    return shas
+    infos = [formats.write_shard(root, f"{k:05d}", table.slice(start, shard_size), schema=schema)
+             for k, start in enumerate(range(0, table.num_rows, shard_size))]
+    formats.write_index(root, infos, writer="jest-curate demo-data")
+    return {info.shard_id: info.sha256 for info in infos}
 
 
 def _is_complete(output: str, params: dict) -> Optional[dict]:
@@ -378,7 +377,7 @@ def run(argv=None) -> int:
     parser.add_argument("--retrieval-size", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--data-dir", default=None, help="directory with the four *-ubyte.gz files")
-    args = parser.parse_args(argv)
+    args = flags.parse_strict(parser, argv)[0]
     try:
         summary = build_demo_corpus(
             args.output, seed=args.seed, noise=args.noise, pool_size=args.pool_size,

@@ -8,8 +8,13 @@ Sharded parquet datasets (corpus, embeddings, manifests) share one layout:
     ROOT/<shard_id>.parquet          the data, written to a temp name then moved
     ROOT/<shard_id>.parquet.commit   JSON commit marker written after the data
 
+    ROOT/<shard_id>.drop.parquet     optional: rows of the file that readers skip
+    ROOT/_index.json                 the dataset's one index, written once at commit
+
 Readers only see shards whose marker exists and whose row count matches, so a
-crashed or in-flight writer never exposes a half-written shard.
+crashed or in-flight writer never exposes a half-written shard. A dataset with an
+index is read through it alone (one object, however many shards): it lists every
+shard's rows and sha256, and its drop list if any (see `write_index`).
 """
 import dataclasses
 import io
@@ -27,9 +32,11 @@ from jest_curate import hashing
 
 __all__ = [
     "CORPUS_SCHEMA", "LABELED_CORPUS_SCHEMA", "NOISE_SCHEMA", "MANIFEST_SCHEMA",
-    "DEAD_LETTER_SCHEMA", "embeddings_schema",
+    "DEAD_LETTER_SCHEMA", "INGEST_KEYS_SCHEMA", "embeddings_schema",
     "ShardInfo", "write_shard", "list_shards", "committed_shard", "remove_shard",
-    "read_shard", "iter_shard_batches",
+    "read_shard", "iter_shard_batches", "scan_shards", "INDEX", "INCOMPLETE", "write_index",
+    "read_index", "remove_index", "write_drop_list", "dropped_rows", "DROP_SCHEMA",
+    "mark_incomplete", "clear_incomplete",
     "Embeddings", "write_embeddings_shard", "read_embeddings_shard",
     "Preprocess", "ModelCard", "write_model_card", "read_model_card",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "CheckpointError",
@@ -93,6 +100,19 @@ DEAD_LETTER_SCHEMA = pa.schema([
     pa.field("detail", pa.string()),  # Human-readable explanation.
     pa.field("source_location", pa.string()),
 ], metadata={"jest.schema": "dead_letter/v1"})
+
+
+# Ingest's dedup keys of each corpus shard (ROOT/_keys/<shard>.parquet, rows aligned with
+# the shard's file): what appends dedup against, without reading images again.
+INGEST_KEYS_SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_location", pa.string(), nullable=False),
+    pa.field("image_key", pa.string(), nullable=False),  # blake2b of the image bytes
+    pa.field("caption_key", pa.string(), nullable=False),  # blake2b of the clean caption
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),  # Row in the shard's file.
+], metadata={"jest.schema": "ingest_keys/v1"})
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -186,15 +206,35 @@ def sha256_file(url: str) -> str:
 
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MARKER = ".commit"
+_DROP = ".drop.parquet"
+INDEX = "_index.json"
+INDEX_FORMAT = "jest-curate/index/v1"
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
     shard_id: str
     url: str  # The .parquet file.
-    num_rows: int
+    num_rows: int  # Rows readers get (the file's rows less its drop list).
     sha256: str  # Of the parquet file's bytes.
     schema_name: str
+    file_rows: Optional[int] = None  # Rows in the file, when a drop list removes some.
+    drop_sha256: Optional[str] = None  # Of `drop_url`, when the shard has a drop list.
+
+    @property
+    def drop_url(self) -> Optional[str]:
+        return self.url[:-len(".parquet")] + _DROP if self.drop_sha256 else None
+
+    @property
+    def rows_in_file(self) -> int:
+        return self.num_rows if self.file_rows is None else self.file_rows
+
+    @property
+    def version(self) -> str:
+        """Identifies the rows readers get: the file's sha256, with its drop list's if any."""
+        if not self.drop_sha256:
+            return self.sha256
+        return hashing.blake2b_fields("shard", self.sha256, self.drop_sha256, digest_size=32).hex()
 
 
 def _table_to_parquet_bytes(table: pa.Table, metadata: Optional[dict]) -> bytes:
@@ -252,21 +292,51 @@ def clear_incomplete(root: str) -> None:
         fs.rm(path)
 
 
-def list_shards(root: str, *, allow_incomplete: bool = False) -> list:
-    """Committed shards under `root`, sorted by shard id. Uncommitted files are ignored.
+def _refuse_incomplete(root: str, incomplete: Optional[bool] = None) -> None:
+    if incomplete is None:
+        incomplete = exists(join_url(root, INCOMPLETE))
+    if incomplete:
+        try:
+            writer = read_json(join_url(root, INCOMPLETE)).get("writer", "its writer")
+        except FileNotFoundError:  # Finished since.
+            return
+        raise FormatError(f"{root}: {writer} did not finish writing this dataset (it holds "
+                          f"{INCOMPLETE}), so its shards are only part of it; rerun {writer}")
 
-    Raises FormatError if a writer has not finished the dataset (see INCOMPLETE), unless
-    `allow_incomplete` (the writer itself).
+
+def list_shards(root: str, *, allow_incomplete: bool = False) -> list:
+    """The shards of the dataset at `root`, sorted by shard id.
+
+    A dataset with an index (`INDEX`) is read from it alone: one object, whatever the
+    number of shards. One without (written shard by shard with `write_shard` and never
+    committed as a whole) is listed from its commit markers (`scan_shards`). Raises
+    FormatError if a writer has not finished the dataset (see INCOMPLETE), unless
+    `allow_incomplete` (the writer itself, which then gets `scan_shards`).
+    """
+    if allow_incomplete:
+        return scan_shards(root, allow_incomplete=True)
+    try:
+        index = read_index(root)
+    except FileNotFoundError:
+        return scan_shards(root)
+    _refuse_incomplete(root)
+    return index
+
+
+def scan_shards(root: str, *, allow_incomplete: bool = False) -> list:
+    """Committed shards under `root` from their markers (one read per shard), sorted by id.
+
+    What a writer finds it has written; readers use `list_shards`. Uncommitted files
+    are ignored.
     """
     fs, path = _fs(root)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no dataset at {root}")
+        raise FileNotFoundError(f"no dataset at {root} (a corpus comes from `jest-curate ingest` "
+                                "or `demo-data`, embeddings from `jest-curate embed`)")
     protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
     names = sorted(fs.ls(path, detail=False))
-    if not allow_incomplete and any(n.rsplit("/", 1)[-1] == INCOMPLETE for n in names):
-        writer = read_json(join_url(root, INCOMPLETE)).get("writer", "its writer")
-        raise FormatError(f"{root}: {writer} did not finish writing this dataset (it holds "
-                          f"{INCOMPLETE}), so its shards are only part of it; rerun {writer}")
+    if not allow_incomplete:
+        _refuse_incomplete(root, any(n.rsplit("/", 1)[-1] == INCOMPLETE for n in names))
     infos = []
     for name in names:
         # A marker being written is `_tmp.<hex>.<id>.parquet.commit`; ids never start with '_'.
@@ -278,6 +348,121 @@ def list_shards(root: str, *, allow_incomplete: bool = False) -> list:
                                num_rows=int(m["num_rows"]), sha256=m["sha256"],
                                schema_name=m.get("schema", "")))
     return sorted(infos, key=lambda i: i.shard_id)
+
+
+# --------------------------------------------------------------------------- #
+# The dataset index: one object listing every shard, written once at commit
+# --------------------------------------------------------------------------- #
+#   ROOT/_index.json  {"format": INDEX_FORMAT, "writer": ..., "num_shards", "num_rows",
+#                      "shards": [{"id", "rows", "sha256"[, "file_rows", "drop_sha256"]
+#                                  [, any fields the writer adds, e.g. "source", "input"]}]}
+# Shard entries hold ids, never URLs, so equal datasets at two places have equal indexes.
+
+DROP_SCHEMA = pa.schema([
+    pa.field("row", pa.int64(), nullable=False),  # Row number in the shard's file.
+    pa.field("uid", pa.string()),
+    pa.field("reason", pa.string(), nullable=False),
+], metadata={"jest.schema": "drop/v1"})
+
+
+def write_drop_list(shard: ShardInfo, rows: pa.Table) -> ShardInfo:
+    """Write `<shard>.drop.parquet` (DROP_SCHEMA rows: file rows readers must skip) and
+    return the ShardInfo that reads the shard without them (for `write_index`).
+
+    The shard's own file and marker are left untouched; the drop list takes effect
+    when the index naming it is written.
+    """
+    rows = rows.select(DROP_SCHEMA.names).cast(DROP_SCHEMA).sort_by("row")
+    numbers = rows.column("row").to_numpy()
+    if len(np.unique(numbers)) != len(numbers) or (len(numbers) and (
+            numbers[0] < 0 or numbers[-1] >= shard.rows_in_file)):
+        raise ValueError(f"shard {shard.shard_id}: drop rows must be distinct and within its "
+                         f"{shard.rows_in_file} rows")
+    data = _table_to_parquet_bytes(rows, None)
+    url = shard.url[:-len(".parquet")] + _DROP
+    write_bytes_atomic(url, data)
+    return dataclasses.replace(shard, num_rows=shard.rows_in_file - rows.num_rows,
+                               file_rows=shard.rows_in_file,
+                               drop_sha256=hashing.sha256_bytes(data))
+
+
+def dropped_rows(shard: "ShardInfo | str") -> Optional[np.ndarray]:
+    """Sorted file rows the shard's drop list removes (None: no drop list)."""
+    if not isinstance(shard, ShardInfo) or not shard.drop_sha256:
+        return None
+    with fsspec.open(shard.drop_url, "rb") as f:
+        data = f.read()
+    if hashing.sha256_bytes(data) != shard.drop_sha256:
+        raise FormatError(f"{shard.drop_url}: bytes do not match the sha256 in the index")
+    return np.sort(pq.read_table(pa.BufferReader(data), columns=["row"])
+                   .column("row").to_numpy())
+
+
+def _keep_mask(dropped: np.ndarray, start: int, n: int) -> Optional[pa.Array]:
+    lo, hi = np.searchsorted(dropped, [start, start + n])
+    if lo == hi:
+        return None
+    mask = np.ones(n, dtype=bool)
+    mask[dropped[lo:hi] - start] = False
+    return pa.array(mask)
+
+
+def write_index(root: str, shards: Sequence[ShardInfo], *, writer: str,
+                fields: Optional[dict] = None) -> dict:
+    """Commit the dataset at `root`: one index listing `shards` (their rows, sha256s and
+    drop lists); `fields` maps a shard id to extra JSON fields for its entry. Written in
+    one atomic put (none if the index already holds exactly this); returns the document."""
+    ids = [s.shard_id for s in shards]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{root}: shard ids repeat in the index")
+    entries = []
+    for s in sorted(shards, key=lambda s: s.shard_id):
+        entry = {**(fields or {}).get(s.shard_id, {}), "id": s.shard_id, "rows": s.num_rows,
+                 "sha256": s.sha256}
+        if s.schema_name:
+            entry["schema"] = s.schema_name
+        if s.drop_sha256:
+            entry.update(file_rows=s.rows_in_file, drop_sha256=s.drop_sha256)
+        entries.append(entry)
+    doc = {"format": INDEX_FORMAT, "writer": writer, "num_shards": len(entries),
+           "num_rows": sum(e["rows"] for e in entries), "shards": entries}
+    data = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    url = join_url(root, INDEX)
+    try:  # An unchanged dataset keeps its index untouched (a rerun writes nothing).
+        with fsspec.open(url, "rb") as f:
+            if f.read() == data:
+                return doc
+    except FileNotFoundError:
+        pass
+    write_bytes_atomic(url, data)
+    return doc
+
+
+def read_index(root: str, *, with_doc: bool = False):
+    """The shards the index of `root` lists (FileNotFoundError if it has none)."""
+    url = join_url(root, INDEX)
+    try:
+        doc = read_json(url)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{url}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
+        raise FormatError(f"{url}: not a {INDEX_FORMAT} index")
+    try:
+        infos = [ShardInfo(shard_id=e["id"], url=join_url(root, f"{e['id']}.parquet"),
+                           num_rows=int(e["rows"]), sha256=e["sha256"],
+                           schema_name=e.get("schema", ""), file_rows=e.get("file_rows"),
+                           drop_sha256=e.get("drop_sha256")) for e in doc["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{url}: malformed shard entry ({e!r})") from e
+    infos.sort(key=lambda i: i.shard_id)
+    return (infos, doc) if with_doc else infos
+
+
+def remove_index(root: str) -> None:
+    """Uncommit the dataset as a whole (its shards' own markers stay)."""
+    fs, path = _fs(join_url(root, INDEX))
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def committed_shard(root: str, shard_id: str) -> Optional[ShardInfo]:
@@ -293,9 +478,19 @@ def committed_shard(root: str, shard_id: str) -> Optional[ShardInfo]:
 
 
 def remove_shard(root: str, shard_id: str) -> None:
-    """Uncommit, then delete, one shard (readers stop seeing it at the first step)."""
+    """Uncommit (its index entry, its marker), then delete, one shard (readers stop seeing
+    it at the first step)."""
+    try:
+        doc = read_json(join_url(root, INDEX))
+    except FileNotFoundError:
+        doc = None
+    if doc is not None and any(e["id"] == shard_id for e in doc["shards"]):
+        kept = [e for e in doc["shards"] if e["id"] != shard_id]
+        doc.update(shards=kept, num_shards=len(kept), num_rows=sum(e["rows"] for e in kept))
+        write_bytes_atomic(join_url(root, INDEX),
+                           (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode())
     fs, path = _fs(join_url(root, f"{shard_id}.parquet"))
-    for p in (path + _MARKER, path):
+    for p in (path + _MARKER, path, path[:-len(".parquet")] + _DROP):
         if fs.exists(p):
             fs.rm(p)
 
@@ -323,9 +518,13 @@ def read_shard(shard: "ShardInfo | str", *, schema: Optional[pa.Schema] = None,
         if isinstance(e, FileNotFoundError):
             raise
         raise FormatError(f"{url}: not a readable parquet file ({e})") from e
-    if isinstance(shard, ShardInfo) and table.num_rows != shard.num_rows:
+    if isinstance(shard, ShardInfo) and table.num_rows != shard.rows_in_file:
         raise FormatError(f"{url}: has {table.num_rows} rows, its commit marker says "
-                          f"{shard.num_rows}")
+                          f"{shard.rows_in_file}")
+    dropped = dropped_rows(shard)
+    if dropped is not None:
+        mask = _keep_mask(dropped, 0, table.num_rows)
+        table = table if mask is None else table.filter(mask)
     if schema is not None:
         want = schema if columns is None else pa.schema([schema.field(c) for c in columns])
         _validate_schema(table.replace_schema_metadata(None), want, url)
@@ -334,12 +533,23 @@ def read_shard(shard: "ShardInfo | str", *, schema: Optional[pa.Schema] = None,
 
 def iter_shard_batches(shard: "ShardInfo | str", *, batch_size: int,
                        columns: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
-    """Stream a shard as record batches of at most `batch_size` rows, in row order."""
+    """Stream a shard as record batches of at most `batch_size` rows, in row order
+    (without the rows of its drop list, if it has one)."""
     url = shard.url if isinstance(shard, ShardInfo) else shard
+    dropped = dropped_rows(shard)
     with fsspec.open(url, "rb") as f:
         pf = pq.ParquetFile(f)
-        yield from pf.iter_batches(batch_size=batch_size,
-                                   columns=list(columns) if columns else None)
+        start = 0
+        for batch in pf.iter_batches(batch_size=batch_size,
+                                     columns=list(columns) if columns else None):
+            n, mask = batch.num_rows, None
+            if dropped is not None:
+                mask = _keep_mask(dropped, start, n)
+            start += n
+            if mask is None:
+                yield batch
+            elif (kept := batch.filter(mask)).num_rows:
+                yield kept
 
 
 def shard_metadata(shard: "ShardInfo | str") -> dict:
@@ -533,7 +743,8 @@ def read_model_card(root: str) -> ModelCard:
     try:
         data = read_json(url)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no model.json at {root}: not an embeddings directory?")
+        raise FileNotFoundError(f"no model.json at {root}: not an embeddings directory "
+                                f"(`jest-curate embed --output {root}` writes one)")
     except json.JSONDecodeError as e:
         raise FormatError(f"{url}: not valid JSON ({e})") from e
     return ModelCard.from_json(data, url)
@@ -595,7 +806,8 @@ def load_checkpoint(url: str) -> Checkpoint:
         with fsspec.open(url, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {url}")
+        raise FileNotFoundError(f"checkpoint not found: {url} (`jest-curate train` writes "
+                                "OUTPUT/checkpoints/step_NNNNNNNN.pt)")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -675,6 +887,7 @@ class RunConfig:
     eval_data: Optional[str] = None  # eval/ directory (zero-shot, retrieval).
     eval_every: int = 1  # Rounds between evaluations (the last round is always evaluated).
     eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.
+    train_processes: int = 1  # Data-parallel trainer processes (torchrun; one per GPU).
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -684,7 +897,7 @@ class RunConfig:
         if self.filter_ratio is not None and not 0.0 <= self.filter_ratio < 1.0:
             raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
         for name in ("batch_size", "steps_per_round", "rounds", "chunks", "rescore_every",
-                     "eval_every"):
+                     "eval_every", "train_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -730,6 +943,8 @@ class RunConfig:
 
 
 def read_run_config(url: str) -> RunConfig:
+    if not exists(url):
+        raise FileNotFoundError(f"no run config at {url} (see jest_curate/configs/ for examples)")
     return RunConfig.from_json(read_json(url), url)
 
 

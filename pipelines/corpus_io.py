@@ -11,9 +11,11 @@ derived from the total row count, named `00003-of-00008`. `WriteCorpus` takes an
 sorts each shard by its sort columns then every other column, so a shard's bytes never
 depend on bundle order or on how rows were batched. Committed shards from an earlier run
 that this run did not write are removed (`prune_stale`), so a rerun replaces its output.
+(Ingest writes its shards where it reads its inputs instead: `pipelines.ingest_shards`;
+`AssignShards` buckets its dedup keys.)
 """
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -24,9 +26,18 @@ from apache_beam.metrics import Metrics
 from jest_curate import formats, hashing
 from pipelines import faults
 
-__all__ = ["ReadCorpus", "AssignShards", "WriteCorpus", "shard_of"]
+__all__ = ["ReadCorpus", "AssignShards", "WriteCorpus", "shard_of", "ShardOut", "KEYS_DIR",
+           "DEAD_LETTER_DIR"]
 
 _NAMESPACE = "jest_curate.corpus_io"
+KEYS_DIR = "_keys"  # Ingest: dedup keys per corpus shard.
+DEAD_LETTER_DIR = "_dead_letter"
+
+
+class ShardOut(NamedTuple):
+    """A shard a stage wrote, with the extra fields of its index entry (e.g. its source)."""
+    info: formats.ShardInfo
+    fields: dict
 
 
 def shard_of(key: Optional[str], num_shards: int) -> int:
@@ -75,8 +86,9 @@ class _ReadShardBatches(beam.DoFn):
 class ReadCorpus(beam.PTransform):
     """Committed shards of a sharded parquet dataset as `(shard_id, pa.RecordBatch)`.
 
-    Shards are listed when the pipeline runs and read in parallel; batches hold at
-    most `batch_size` rows and come in row order within a shard. `with_offsets=True`
+    Shards are listed when the pipeline runs, on a worker, from the dataset's index
+    (`formats.list_shards`), and read in parallel without the rows of their drop lists;
+    batches hold at most `batch_size` rows and come in row order within a shard. `with_offsets=True`
     yields `(shard_id, first_row, batch)` so a later stage can restore row order.
     `schema` (optional) is checked against every shard before it is read.
     """
@@ -98,7 +110,7 @@ class ReadCorpus(beam.PTransform):
                 | "ReadBatches" >> beam.ParDo(self._read))
 
 
-def _split_by_shard(batch: pa.RecordBatch, num_shards: int, key_column: str) -> Iterable:
+def _split_by_shard(batch, num_shards: int, key_column: str) -> Iterable:
     if batch.num_rows == 0:
         return
     keys = batch.column(key_column).to_pylist()

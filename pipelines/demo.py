@@ -20,6 +20,7 @@ from jest_curate import demo_data
 from jest_curate import formats
 from jest_curate import hashing
 from jest_curate import report as report_lib
+from pipelines import options
 from pipelines import rounds as rounds_lib
 from training import early_stopping
 from training import train as train_lib
@@ -185,7 +186,7 @@ def run(argv=None) -> int:
                    help="run only every N-th run from the I-th and skip the report, to split "
                         "a study over N processes sharing --output (start them after the "
                         "reference is trained; rerun without --part to write the report)")
-    args, beam_args = p.parse_known_args(argv)
+    args, beam_args = options.parse_stage_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = args.config or str(CONFIG_DIR / ("demo_full.json" if args.full else "demo.json"))
     summary = run_demo(config, args.output, beam_args=beam_args or ["--runner=FnApiRunner"],

@@ -12,6 +12,9 @@ output is partitioned like the corpus (same shard ids, same row order):
     OUT/<shard>.parquet[.commit]      uid + fp16 L2-normalised image/text embeddings,
                                       metadata: model digest, corpus shard sha256
     OUT/_dead_letter/<shard>.parquet  rows that could not be embedded, with a reason
+    OUT/_index.json, OUT/_dead_letter/_index.json
+                                      the datasets' indexes (formats.write_index), written
+                                      at the end, before stats.json
     OUT/stats.json                    rows / embedded / dead_lettered / not_requested,
                                       in total and per shard
 
@@ -22,6 +25,10 @@ precision), this corpus shard's sha256 and this --uids file's sha256 is skipped,
 rerun writes nothing and a grown corpus embeds only its new shards. A directory holds
 one model's embeddings: a different model.json is refused unless --overwrite, which
 also removes the other model's shards.
+
+The corpus's shards are read from its index on a worker, never put into the job graph;
+before a run rewrites a shard, the output's indexes are removed (readers fall back to
+the shards' own commit markers) and they are rewritten at the end.
 
 Elements are Arrow batches of ~256 rows, not single examples (Beam costs ~100 us
 per element). The model is loaded once per worker process (`shared.Shared`).
@@ -43,7 +50,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.utils import shared
 
 from jest_curate import formats
-from pipelines import faults
+from pipelines import faults, options
 from training import scoring
 
 __all__ = ["EmbedCorpus", "OutputConflictError", "run", "main"]
@@ -113,8 +120,8 @@ def _remove_other_models(output: str, digest: str) -> int:
 
 
 def _cached_counts(output: str, shard: formats.ShardInfo, digest: str, uids_sha: str):
-    """Per-shard stats if `output` already has this shard from this run's model and
-    uid set, else None."""
+    """(per-shard stats, (embeddings, dead-letter ShardInfo)) if `output` already has this
+    shard from this run's model and uid set, else None."""
     embedded = formats.committed_shard(output, shard.shard_id)
     dead = formats.committed_shard(formats.join_url(output, DEAD_LETTER_DIR), shard.shard_id)
     if embedded is None or dead is None:
@@ -128,17 +135,21 @@ def _cached_counts(output: str, shard: formats.ShardInfo, digest: str, uids_sha:
         except pa.ArrowInvalid:  # A damaged file is re-embedded, not trusted.
             return None
         if (md.get("jest.model_digest") != digest
-                or md.get("jest.corpus_shard_sha256") != shard.sha256
+                or md.get("jest.corpus_shard_sha256") != shard.version
                 or md.get(_UIDS_KEY, "") != uids_sha):
             return None
         if formats.sha256_file(info.url) != info.sha256:  # Corrupted since: re-embed.
             return None
-    return _shard_stats(shard, embedded.num_rows, dead.num_rows)
+    return _shard_stats(shard, embedded.num_rows, dead.num_rows), (embedded, dead)
 
 
 def _shard_stats(shard: formats.ShardInfo, embedded: int, dead: int) -> dict:
     return {"shard_id": shard.shard_id, "rows": shard.num_rows, "embedded": embedded,
             "dead_lettered": dead, "not_requested": shard.num_rows - embedded - dead}
+
+
+def _first(pair):
+    return pair[0]
 
 
 class _ClaimOutput(beam.DoFn):
@@ -170,12 +181,12 @@ class _SkipCached(beam.DoFn):
         self._cached = Metrics.counter(NAMESPACE, "shards_cached")
 
     def process(self, shard):
-        stats = _cached_counts(self._output, shard, self._digest, self._uids_sha)
-        if stats is None:
+        cached = _cached_counts(self._output, shard, self._digest, self._uids_sha)
+        if cached is None:
             yield shard
         else:
             self._cached.inc()
-            yield beam.pvalue.TaggedOutput(_CACHED, stats)
+            yield beam.pvalue.TaggedOutput(_CACHED, cached)
 
 
 class _ReadBatches(beam.DoFn):
@@ -331,24 +342,27 @@ class _WriteShard(beam.DoFn):
                     else np.zeros((0, self._dim), dtype=np.float16))
 
         restricted = {_UIDS_KEY: self._uids_sha} if self._uids_sha else {}
-        formats.write_shard(formats.join_url(self._output, DEAD_LETTER_DIR), shard_id,
+        for root in (self._output, formats.join_url(self._output, DEAD_LETTER_DIR)):
+            formats.remove_index(root)  # Stale from now on; rewritten once all shards are.
+        dead_info = formats.write_shard(formats.join_url(self._output, DEAD_LETTER_DIR), shard_id,
                             pa.Table.from_pylist(dead, schema=formats.DEAD_LETTER_SCHEMA),
                             schema=formats.DEAD_LETTER_SCHEMA, metadata={
                                 **restricted, "jest.model_digest": self._digest,
-                                "jest.corpus_shard_sha256": shard.sha256})
+                                "jest.corpus_shard_sha256": shard.version})
         # Dead letters are committed, embeddings not yet: a crash here is mid-shard.
         faults.maybe_fail("embed.write_shard", (self._digest, shard_id))
-        formats.write_embeddings_shard(self._output, shard_id, formats.Embeddings(
+        info = formats.write_embeddings_shard(self._output, shard_id, formats.Embeddings(
             uids=uids, image=stack("image"), text=stack("text"), model_digest=self._digest,
-            corpus_shard_sha256=shard.sha256), metadata=restricted)
+            corpus_shard_sha256=shard.version), metadata=restricted)
         self._shards.inc()
         logging.info("embed: shard %s written: %d embedded, %d dead letters",
                      shard_id, len(uids), len(dead))
-        yield _shard_stats(shard, len(uids), len(dead))
+        yield _shard_stats(shard, len(uids), len(dead)), (info, dead_info)
 
 
 class _WriteStats(beam.DoFn):
-    """[per-shard stats] -> OUT/stats.json, rewritten only when it changes."""
+    """[(per-shard stats, (embeddings, dead letters ShardInfo))] -> both indexes, then
+    OUT/stats.json (rewritten only when it changes)."""
 
     def __init__(self, output: str, corpus: str, uids: Optional[str]):
         self._output = output
@@ -356,6 +370,11 @@ class _WriteStats(beam.DoFn):
         self._uids = uids
 
     def process(self, per_shard, claimed_digest):
+        writer = "jest-curate embed"
+        formats.write_index(self._output, [infos[0] for _, infos in per_shard], writer=writer)
+        formats.write_index(formats.join_url(self._output, DEAD_LETTER_DIR),
+                            [infos[1] for _, infos in per_shard], writer=writer)
+        per_shard = [stats for stats, _ in per_shard]
         shards = {s["shard_id"]: {k: v for k, v in s.items() if k != "shard_id"}
                   for s in sorted(per_shard, key=lambda s: s["shard_id"])}
         totals = {key: sum(s[key] for s in shards.values())
@@ -400,7 +419,7 @@ class EmbedCorpus(beam.PTransform):
     def expand(self, pbegin):
         self.card = card = scoring.load_scoring_model(self._spec).card
         _check_output(self._output, card, self._overwrite)
-        shards = formats.list_shards(self._corpus)
+        shards = formats.list_shards(self._corpus)  # The corpus's index: one read.
         if not shards:
             raise FileNotFoundError(f"{self._corpus}: no committed corpus shards")
         uids_sha = ""
@@ -418,7 +437,9 @@ class EmbedCorpus(beam.PTransform):
             | "ClaimOutput" >> beam.ParDo(_ClaimOutput(self._output, self._overwrite)))
         checked = (
             pbegin
-            | "CorpusShards" >> beam.Create(shards)
+            | "Corpus" >> beam.Create([self._corpus], reshuffle=False)
+            | "CorpusShards" >> beam.FlatMap(formats.list_shards)  # On a worker.
+            | "SpreadCorpusShards" >> beam.Reshuffle()
             | "SkipCached" >> beam.ParDo(_SkipCached(self._output, card.model_digest, uids_sha))
             .with_outputs(_CACHED, main="todo"))
         written = (
@@ -433,7 +454,7 @@ class EmbedCorpus(beam.PTransform):
              | "CollectStats" >> beam.combiners.ToList()
              | "WriteStats" >> beam.ParDo(
                  _WriteStats(self._output, self._corpus, self._uids), claim))
-        return per_shard
+        return per_shard | "PerShardStats" >> beam.Map(_first)
 
 
 def _parse_args(argv):
@@ -467,7 +488,7 @@ def _parse_args(argv):
     parser.add_argument("--init-seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace another model's embeddings in --output.")
-    return parser.parse_known_args(argv)
+    return options.parse_stage_args(parser, argv)
 
 
 def run(argv=None, test_pipeline=None):
@@ -477,11 +498,11 @@ def run(argv=None, test_pipeline=None):
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
         patch_dropout=args.patch_dropout, precision=args.precision, device=args.device,
         init_seed=args.init_seed, num_threads=args.num_threads)
-    options = PipelineOptions(beam_args)
-    setup = options.view_as(SetupOptions)
+    pipeline_options = PipelineOptions(beam_args)
+    setup = pipeline_options.view_as(SetupOptions)
     if setup.save_main_session is None:  # Beam pickles __main__ by default; nothing needs it.
         setup.save_main_session = False
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+    pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
     _ = pipeline | "EmbedCorpus" >> EmbedCorpus(
         corpus=args.corpus, output=args.output, spec=spec, batch_size=args.batch_size,
         uids=args.uids, overwrite=args.overwrite)

@@ -2,6 +2,7 @@
 
     jest-curate ingest --input URL [--input URL ...] --format FORMAT [--format ...]
         --output URL [--source NAME ...] [--blocklist URL] [--dedup image|image-caption|none]
+        [--append] [--rows-per-shard 2048 --max-shard-bytes 268435456]
         [--caption-column caption --image-column image --uid-column C --url-column C
          --license-column C] [--captions-csv URL] [beam options, e.g. --runner]
 
@@ -19,12 +20,25 @@ image (decodable JPEG/PNG/WebP within byte and pixel limits), caption (non-empty
 UTF-8 within --max-caption-chars); then exact duplicates across all inputs
 (pipelines/dedup.py). Outputs under OUTPUT (nothing is written anywhere else):
 
-    <shard>.parquet(+.commit)    CORPUS_SCHEMA, rows bucketed by uid hash, sorted by uid
-    _dead_letter/                DEAD_LETTER_SCHEMA: every rejected example, its reason
+    <shard>.parquet(+.commit)    CORPUS_SCHEMA rows in input order: each input file (parquet
+                                 row group, folder chunk) becomes its own shards, written
+                                 by the worker that reads it (pipelines/ingest_shards.py)
+    <shard>.drop.parquet         rows dedup removed from that shard (readers skip them)
+    _index.json                  the corpus: every shard, its rows, sha256 and drop list
+    _keys/                       dedup keys of every shard (what --append dedups against)
+    _dead_letter/ (+_index.json) DEAD_LETTER_SCHEMA: every rejected example, its reason
                                  (validate.REASONS) and where it came from
     stats.json                   seen / ingested / dead_lettered, per reason and per source
                                  (ingested + dead_lettered == seen for each); written last,
-                                 after both datasets, as the completion marker
+                                 after both indexes
+
+A rerun rewrites the same shards (same ids, same bytes) and removes shards no longer
+produced. `_INCOMPLETE` marks the output while a (re)run fills it; readers refuse it.
+--append adds the units (files, row groups, folder chunks) of the inputs that the
+corpus does not hold yet as new shards, deduplicated against the corpus's stored keys
+(its rows always win); existing shards, ids and digests stay, so embed then embeds
+only the new shards. Readers see the old corpus until the new indexes are written.
+Units already ingested are not read again: a file changed in place is not noticed.
 """
 import argparse
 import dataclasses
@@ -35,33 +49,38 @@ import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils import shared
 
 from jest_curate import formats
-from pipelines import dedup, faults, ingest_readers, tar_stream, validate
-from pipelines.corpus_io import AssignShards, WriteCorpus
+from pipelines import dedup, ingest_readers, ingest_shards, options, tar_stream, validate
+from pipelines.corpus_io import DEAD_LETTER_DIR, ShardOut
 from pipelines.ingest_readers import RawExample, ReadConfig
+from pipelines.ingest_shards import Unit, merge_stats
 
 __all__ = ["READERS", "FORMATS", "IngestConfig", "ReadConfig", "RawExample", "IngestCorpus",
-           "merge_stats", "work_items", "config_from_args", "run", "main"]
+           "merge_stats", "check_inputs", "config_from_args", "run", "main"]
 
 _NAMESPACE = "jest_curate.ingest"
 
 
 class Reader(NamedTuple):
-    """One format: list work items at launch, split and read them in the pipeline."""
-    list_items: Callable  # (ReadConfig) -> work items.
+    """One format: check it at launch; list, split and read its items on workers."""
+    probe: Callable  # (ReadConfig) -> None; raises a clear error if it cannot be read.
+    list_items: Callable  # (ReadConfig) -> work items (on a worker).
     split: Callable  # (item, ReadConfig) -> finer items (e.g. parquet row groups).
     read: Callable  # (item, ReadConfig) -> lists of RawExamples.
     upstream: Optional[Callable] = None  # (item, ReadConfig) -> counts the input reports.
 
 
 READERS = {
-    "parquet": Reader(ingest_readers.parquet_work, ingest_readers.parquet_row_groups,
-                      ingest_readers.read_parquet),
-    "folder": Reader(ingest_readers.folder_work, ingest_readers.whole, ingest_readers.read_folder),
-    "webdataset": Reader(tar_stream.tar_work, ingest_readers.whole, tar_stream.read_tar),
-    "img2dataset": Reader(tar_stream.tar_work, ingest_readers.whole, tar_stream.read_tar,
-                          tar_stream.img2dataset_upstream),
+    "parquet": Reader(ingest_readers.parquet_work, ingest_readers.parquet_work,
+                      ingest_readers.parquet_row_groups, ingest_readers.read_parquet),
+    "folder": Reader(ingest_readers.folder_probe, ingest_readers.folder_work,
+                     ingest_readers.whole, ingest_readers.read_folder),
+    "webdataset": Reader(tar_stream.tar_work, tar_stream.tar_work, ingest_readers.whole,
+                         tar_stream.read_tar),
+    "img2dataset": Reader(tar_stream.tar_work, tar_stream.tar_work, ingest_readers.whole,
+                          tar_stream.read_tar, tar_stream.img2dataset_upstream),
 }
 FORMATS = tuple(sorted(READERS))
 
@@ -81,6 +100,8 @@ class IngestConfig:
     inputs: tuple  # One ReadConfig per input; their sources differ.
     output: str
     rows_per_shard: int = 2048
+    max_shard_bytes: int = ingest_shards.MAX_SHARD_BYTES
+    append: bool = False  # Add new inputs' units to the committed corpus at OUTPUT.
     max_caption_chars: int = validate.MAX_CAPTION_CHARS
     max_image_bytes: int = validate.MAX_IMAGE_BYTES
     blocklist: Optional[str] = None  # URL of a text file of uids / source URLs to refuse.
@@ -106,6 +127,10 @@ class IngestConfig:
         if min(self.rows_per_shard, self.max_caption_chars, self.max_image_bytes,
                self.dedup_rows_per_group) < 1:
             raise ValueError("rows per shard, max caption chars and max image bytes must be >= 1")
+        # A row larger than the bound gets a shard of its own; images must fit.
+        if self.max_shard_bytes < self.max_image_bytes:
+            raise ValueError(f"--max-shard-bytes {self.max_shard_bytes} must be at least "
+                             f"--max-image-bytes ({self.max_image_bytes})")
 
 
 def _count(source: str, counts: dict) -> None:
@@ -117,151 +142,124 @@ def _count(source: str, counts: dict) -> None:
             Metrics.counter(namespace, f"dropped_{reason}").inc(n)
 
 
-class _ReadAndValidate(beam.DoFn):
-    """(input index, work item) -> (corpus batch, dead-letter batch, stats) per read batch."""
+def _list_units(index: int, cfg: IngestConfig) -> Iterable[Unit]:
+    """One input -> its units, listed on a worker (the job graph holds input indexes only)."""
+    read_cfg = cfg.inputs[index]
+    reader = READERS[read_cfg.format]
+    for item in reader.list_items(read_cfg):
+        yield Unit(index, item, "")
+
+
+def _split(unit: Unit, cfg: IngestConfig) -> Iterable[Unit]:
+    read_cfg = cfg.inputs[unit.index]
+    for part in READERS[read_cfg.format].split(unit.item, read_cfg):
+        yield Unit(unit.index, part, ingest_shards.unit_name(read_cfg.format, part))
+
+
+class _SkipIngested(beam.DoFn):
+    """--append: drops units the corpus already holds (read from its indexes on the worker)."""
 
     def __init__(self, cfg: IngestConfig):
         self._cfg = cfg
-        self._blocklist = frozenset()
+        self._shared = shared.Shared()
 
     def setup(self):
-        self._blocklist = validate.read_blocklist(self._cfg.blocklist)
+        output = self._cfg.output
+        self._done = self._shared.acquire(lambda: _Units(ingest_shards.existing_units(output)),
+                                          tag=f"units:{output}").units
 
-    def process(self, element):
-        index, item = element
-        faults.maybe_fail("ingest.read", element)
-        read_cfg = self._cfg.inputs[index]
-        for examples in READERS[read_cfg.format].read(item, read_cfg):
-            corpus, dead, stats = validate.validate_examples(
-                examples, source=read_cfg.source, blocklist=self._blocklist,
-                max_image_bytes=self._cfg.max_image_bytes,
-                max_caption_chars=self._cfg.max_caption_chars)
-            _count(read_cfg.source, stats[read_cfg.source])
-            yield corpus, dead, stats
+    def process(self, unit: Unit):
+        if (self._cfg.inputs[unit.index].source, unit.name) in self._done:
+            Metrics.counter(_NAMESPACE, "units_already_ingested").inc()
+            return
+        yield unit
 
 
-def _split(element, cfg: IngestConfig) -> Iterable:
-    index, item = element
-    read_cfg = cfg.inputs[index]
-    for part in READERS[read_cfg.format].split(item, read_cfg):
-        yield index, part
+class _Units:
+    def __init__(self, units: set):
+        self.units = units
 
 
-def _count_deltas(stats: dict) -> dict:
+def _with_upstream(unit: Unit, cfg: IngestConfig) -> Iterable[dict]:
+    """Counts the input reports about itself (img2dataset's _stats.json), per source."""
+    read_cfg = cfg.inputs[unit.index]
+    upstream = READERS[read_cfg.format].upstream
+    if upstream is not None:
+        yield {read_cfg.source: {"seen": 0, "ingested": 0, "dead_lettered": 0, "reasons": {},
+                                 read_cfg.format: upstream(unit.item, read_cfg)}}
+
+
+def _count_stats(stats: dict) -> dict:
     for source, counts in stats.items():
         _count(source, counts)
     return stats
 
 
-def _upstream_stats(element, cfg: IngestConfig) -> Iterable[dict]:
-    """Counts the input reports about itself (img2dataset's _stats.json), per source."""
-    index, item = element
-    read_cfg = cfg.inputs[index]
-    upstream = READERS[read_cfg.format].upstream
-    if upstream is not None:
-        yield {read_cfg.source: {"seen": 0, "ingested": 0, "dead_lettered": 0, "reasons": {},
-                                 read_cfg.format: upstream(item, read_cfg)}}
+def _existing_shards(output: str) -> Iterable[formats.ShardInfo]:
+    yield from formats.read_index(output)
 
 
-def _add(acc: dict, part: dict) -> None:
-    for key, value in part.items():
-        if isinstance(value, dict):
-            _add(acc.setdefault(key, {}), value)
-        else:
-            acc[key] = acc.get(key, 0) + value
-
-
-def merge_stats(parts: Iterable[dict]) -> dict:
-    """Sum per-source counters: {source: {seen, ingested, dead_lettered, reasons: {...}}}."""
-    out = {}
-    for part in parts:
-        _add(out, part)
-    return out
-
-
-def _corpus_part(result):
-    if result[0].num_rows:
-        yield result[0]
-
-
-def _dead_part(result):
-    if result[1].num_rows:
-        yield result[1]
-
-
-def _stats_part(result):
-    return result[2]
-
-
-def _write_stats(by_source: dict, corpus_infos: list, dead_infos: list, cfg: IngestConfig) -> dict:
-    """Totals plus shard lists; refuses to write counts the shards do not bear out."""
-    reasons = {}
-    for source, c in by_source.items():
-        if c["ingested"] + c["dead_lettered"] != c["seen"]:
-            raise RuntimeError(f"ingest lost examples of {source}: {c}")
-        for reason, n in c["reasons"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    stats = {name: sum(c[name] for c in by_source.values())
-             for name in ("seen", "ingested", "dead_lettered")}
-    written = (sum(i.num_rows for i in corpus_infos), sum(i.num_rows for i in dead_infos))
-    if written != (stats["ingested"], stats["dead_lettered"]):
-        raise RuntimeError(f"ingest lost examples: counted {stats}, wrote {written} rows")
-    stats.update({
-        "reasons": dict(sorted(reasons.items())), "by_source": by_source,
-        "inputs": [{"input": c.input, "format": c.format, "source": c.source}
-                   for c in cfg.inputs],
-        "output": cfg.output, "dedup": cfg.dedup, "blocklist": cfg.blocklist,
-        "shards": {i.shard_id: {"rows": i.num_rows, "sha256": i.sha256}
-                   for i in sorted(corpus_infos, key=lambda i: i.shard_id)},
-        "dead_letter_shards": {i.shard_id: {"rows": i.num_rows, "sha256": i.sha256}
-                               for i in sorted(dead_infos, key=lambda i: i.shard_id)}})
-    formats.write_json_atomic(formats.join_url(cfg.output, "stats.json"), stats)
-    return stats
+def _tagged(out: ShardOut, dataset: str) -> tuple:
+    return dataset, out
 
 
 class IngestCorpus(beam.PTransform):
-    """(input index, work item)s -> corpus shards, dead letters and stats.json under OUTPUT.
+    """The whole ingest stage: inputs -> corpus and dead-letter shards, indexes, stats.json.
 
-    Apply to a PCollection of `work_items(cfg)`; returns the PCollection holding the
-    stats dict written to OUTPUT/stats.json.
+    Apply to the pipeline; returns the PCollection holding the stats dict written to
+    OUTPUT/stats.json. The job graph holds the config and input indexes only: inputs are
+    listed, split into units and read on workers; each unit writes its own shards
+    (`pipelines.ingest_shards`), dedup moves key records only (`pipelines.dedup`).
     """
 
     def __init__(self, cfg: IngestConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, work):
+    def expand(self, pbegin):
         cfg = self._cfg
-        results = (work
-                   | "Split" >> beam.FlatMap(_split, cfg)
-                   | "Spread" >> beam.Reshuffle()
-                   | "ReadAndValidate" >> beam.ParDo(_ReadAndValidate(cfg)))
-        kept, duplicates, duplicate_stats = (
-            results
-            | "ValidRows" >> beam.FlatMap(_corpus_part)
-            | "Dedup" >> dedup.DropDuplicates(mode=cfg.dedup, rows_per_shard=cfg.rows_per_shard,
+        units = (pbegin
+                 | "Inputs" >> beam.Create(list(range(len(cfg.inputs))), reshuffle=False)
+                 | "ListInputs" >> beam.FlatMap(_list_units, cfg)
+                 | "SpreadItems" >> beam.Reshuffle()
+                 | "Split" >> beam.FlatMap(_split, cfg))
+        if cfg.append:
+            units = units | "SkipIngested" >> beam.ParDo(_SkipIngested(cfg))
+        units = units | "SpreadUnits" >> beam.Reshuffle()
+        read = units | "ReadAndWrite" >> beam.ParDo(
+            ingest_shards.IngestUnit(cfg, READERS)).with_outputs("keys", "dead", "stats",
+                                                                 main="corpus")
+        if cfg.append:
+            old_keys = (pbegin
+                        | "Corpus" >> beam.Create([cfg.output], reshuffle=False)
+                        | "ExistingShards" >> beam.FlatMap(_existing_shards)
+                        | "SpreadExisting" >> beam.Reshuffle()
+                        | "ExistingKeys" >> beam.Map(dedup.read_existing_keys,
+                                                     output=cfg.output))
+        else:
+            old_keys = pbegin | "NoExistingKeys" >> beam.Create([], reshuffle=False)
+        corpus, duplicates, duplicate_stats = (
+            (read.keys, old_keys, read.corpus)
+            | "Dedup" >> dedup.DropDuplicates(output=cfg.output, mode=cfg.dedup,
                                               rows_per_group=cfg.dedup_rows_per_group))
-        corpus = kept | "WriteCorpus" >> WriteCorpus(cfg.output)
-        dead = ((results | "DeadLetters" >> beam.FlatMap(_dead_part), duplicates)
-                | "AllDeadLetters" >> beam.Flatten()
-                | "AssignDeadLetterShards" >> AssignShards(rows_per_shard=cfg.rows_per_shard,
-                                                           key_column="source_location")
-                | "WriteDeadLetters" >> WriteCorpus(formats.join_url(cfg.output, "_dead_letter"),
-                                                    schema=formats.DEAD_LETTER_SCHEMA,
-                                                    sort_by=("source_location", "reason")))
-        duplicate_stats = duplicate_stats | "CountDuplicates" >> beam.Map(_count_deltas)
-        return ((results | "Stats" >> beam.Map(_stats_part), duplicate_stats,
-                 work | "Upstream" >> beam.FlatMap(_upstream_stats, cfg))
-                | "AllStats" >> beam.Flatten()
-                | "MergeStats" >> beam.CombineGlobally(merge_stats)
-                | "WriteStats" >> beam.Map(_write_stats, beam.pvalue.AsList(corpus),
-                                           beam.pvalue.AsList(dead), cfg))
+        dead = (read.dead, duplicates) | "AllDeadLetters" >> beam.Flatten()
+        stats = ((read.stats | "CountRead" >> beam.Map(_count_stats),
+                  duplicate_stats | "CountDuplicates" >> beam.Map(_count_stats),
+                  units | "Upstream" >> beam.FlatMap(_with_upstream, cfg))
+                 | "AllStats" >> beam.Flatten()
+                 | "MergeStats" >> beam.CombineGlobally(ingest_shards.merge_stats))
+        written = ((corpus | "TagCorpus" >> beam.Map(_tagged, "corpus"),
+                    dead | "TagDead" >> beam.Map(_tagged, "dead"))
+                   | "AllWritten" >> beam.Flatten()
+                   | "ListWritten" >> beam.combiners.ToList())
+        return stats | "Commit" >> beam.Map(ingest_shards.commit,
+                                            beam.pvalue.AsSingleton(written), cfg)
 
 
-def work_items(cfg: IngestConfig) -> list:
-    """The launcher's listing of every input: [(input index, work item)]."""
-    return [(index, item) for index, read_cfg in enumerate(cfg.inputs)
-            for item in READERS[read_cfg.format].list_items(read_cfg)]
+def check_inputs(cfg: IngestConfig) -> None:
+    """Clear errors at launch for inputs that cannot be read at all (nothing enters the graph)."""
+    for read_cfg in cfg.inputs:
+        READERS[read_cfg.format].probe(read_cfg)
 
 
 def _default_source(url: str) -> str:
@@ -311,9 +309,15 @@ def _parser() -> argparse.ArgumentParser:
                              "(keeps COCO-style multi-caption images); none. Repeated uids "
                              "are always resolved")
     parser.add_argument("--dedup-rows-per-group", type=int, default=1 << 20,
-                        help="key records (~100 B each) one worker compares at once")
+                        help="key records per dedup bucket (its accumulator holds one ~150 B "
+                             "record per distinct key)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=2048)
+    parser.add_argument("--max-shard-bytes", type=int, default=ingest_shards.MAX_SHARD_BYTES,
+                        help="bytes per corpus shard (each input file becomes its own shards)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the inputs' files not yet in the committed corpus at --output "
+                             "as new shards, deduplicated against it; existing shards are kept")
     parser.add_argument("--max-caption-chars", type=int, default=validate.MAX_CAPTION_CHARS)
     parser.add_argument("--max-image-bytes", type=int, default=validate.MAX_IMAGE_BYTES,
                         help="encoded image size limit; also caps every tar member read")
@@ -331,28 +335,56 @@ def config_from_args(args) -> IngestConfig:
         batch_size=args.batch_size, max_member_bytes=args.max_image_bytes)
         for url, fmt, source in zip(args.input, fmts, sources))
     return IngestConfig(inputs=inputs, output=args.output, rows_per_shard=args.rows_per_shard,
+                        max_shard_bytes=args.max_shard_bytes, append=args.append,
                         max_caption_chars=args.max_caption_chars,
                         max_image_bytes=args.max_image_bytes, blocklist=args.blocklist,
                         dedup=args.dedup, dedup_rows_per_group=args.dedup_rows_per_group)
 
 
+def _check_append(cfg: IngestConfig) -> None:
+    """--append needs a finished corpus, deduplicated the same way."""
+    formats.list_shards(cfg.output)  # Refuses a missing or unfinished dataset.
+    try:
+        formats.read_index(cfg.output)
+        previous = formats.read_json(formats.join_url(cfg.output, "stats.json"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--append: {cfg.output} is not a finished ingest output "
+                                f"({e}); ingest it without --append first") from e
+    if previous.get("dedup") != cfg.dedup:
+        raise ValueError(f"--append: {cfg.output} was deduplicated with --dedup "
+                         f"{previous.get('dedup')}, not {cfg.dedup}")
+    # Units are known by (source, relative path): another input under a known source name
+    # would have its files taken for ones already ingested (and its uids would collide).
+    known = {i["source"]: i["input"] for i in previous.get("inputs", [])}
+    for read_cfg in cfg.inputs:
+        if known.get(read_cfg.source, read_cfg.input) != read_cfg.input:
+            raise ValueError(f"--append: source {read_cfg.source!r} already names "
+                             f"{known[read_cfg.source]} in {cfg.output}; give "
+                             f"{read_cfg.input} another --source")
+
+
 def run(argv=None, test_pipeline=None) -> dict:
-    """Parse flags, list the inputs, run the pipeline; returns the stats written."""
-    args, beam_args = _parser().parse_known_args(argv)
+    """Parse flags, check the inputs, run the pipeline; returns the stats written."""
+    args, beam_args = options.parse_stage_args(_parser(), argv)
     cfg = config_from_args(args)
     validate.read_blocklist(cfg.blocklist)  # Fail now, not on every worker, if it is unreadable.
-    items = work_items(cfg)
+    check_inputs(cfg)
     stats_url = formats.join_url(cfg.output, "stats.json")
-    if formats.exists(stats_url):  # No stale completion marker while shards are rewritten.
-        fs, path = fsspec.core.url_to_fs(stats_url)
-        fs.rm(path)
-    # Until the job finishes, readers refuse the output (a killed job leaves part of it).
-    formats.mark_incomplete(cfg.output, "jest-curate ingest")
+    if cfg.append:
+        _check_append(cfg)
+    else:
+        # Until the job finishes, readers refuse the output (a killed job leaves part of it);
+        # then the old indexes and completion marker go, so nothing stale is left to trust.
+        formats.mark_incomplete(cfg.output, "jest-curate ingest")
+        for root in (cfg.output, formats.join_url(cfg.output, DEAD_LETTER_DIR)):
+            formats.remove_index(root)
+        if formats.exists(stats_url):
+            fs, path = fsspec.core.url_to_fs(stats_url)
+            fs.rm(path)
+    # An append changes nothing readers see until its indexes replace the old ones.
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     with pipeline as p:
-        _ = (p
-             | "ListInput" >> beam.Create(items, reshuffle=False)
-             | "Ingest" >> IngestCorpus(cfg))
+        _ = p | "Ingest" >> IngestCorpus(cfg)
     stats = formats.read_json(stats_url)
     formats.clear_incomplete(cfg.output)
     logging.info("ingested %d of %d examples (%d dead-lettered) into %s", stats["ingested"],

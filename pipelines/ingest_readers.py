@@ -35,7 +35,8 @@ from pipelines import validate
 
 __all__ = ["ReadConfig", "RawExample", "derived_uid", "provenance", "optional_str", "relative",
            "list_files", "batches", "parquet_work", "parquet_row_groups", "read_parquet",
-           "folder_work", "read_folder", "whole", "IMAGE_EXTENSIONS", "CAPTION_EXTENSIONS"]
+           "folder_probe", "folder_work", "read_folder", "whole", "IMAGE_EXTENSIONS",
+           "CAPTION_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # Preferred first.
 CAPTION_EXTENSIONS = ("txt", "caption", "text")
@@ -229,6 +230,24 @@ class _FolderItem(NamedTuple):
     sidecar_url: Optional[str] = None
     csv_row: Optional[dict] = None  # Raw CSV row for uid / url / license columns.
     csv_line: Optional[int] = None
+
+
+def folder_probe(cfg: ReadConfig) -> None:
+    """At launch: the folder exists and its captions CSV has the columns asked for
+    (the images themselves are listed on a worker)."""
+    fs, root = fsspec.core.url_to_fs(cfg.input)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"no folder at {cfg.input}")
+    csv_url = cfg.captions_csv
+    if csv_url is None and fs.exists(f"{root}/captions.csv"):
+        csv_url = fs.unstrip_protocol(f"{root}/captions.csv")
+    if csv_url is not None:
+        with fsspec.open(csv_url, "r", encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+        for c in (cfg.image_column, cfg.caption_column, cfg.uid_column, cfg.url_column,
+                  cfg.license_column):
+            if header and c and c not in header:
+                raise ValueError(f"{csv_url}: no column {c!r}; it has {header}")
 
 
 def folder_work(cfg: ReadConfig) -> list:

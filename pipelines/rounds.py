@@ -43,8 +43,10 @@ from jest_curate import formats
 from jest_curate import hashing
 from jest_curate import ledger as ledger_lib
 from pipelines import embed as embed_stage
+from pipelines import options
 from pipelines import select as select_stage
 from training import evaluate as evaluate_lib
+from training import main as trainer_cli
 from training import model as model_lib
 from training import train as train_lib
 
@@ -256,8 +258,9 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
     select_stats = check_selection(formats.read_json(formats.join_url(selection, "stats.json")),
                                    r, selection)
 
-    trained = train_lib.train(_train_config(cfg, paths, formats.join_url(selection, "shards"),
-                                            (r + 1) * K))
+    trained = trainer_cli.train_with_processes(
+        _train_config(cfg, paths, formats.join_url(selection, "shards"), (r + 1) * K),
+        cfg.train_processes)
     record = {"round": r, "pass": pass_index, "slice_examples": len(slice_uids),
               "scored_by": scored_by, "scoring_flops": scoring["flops"],
               "scored_examples": scoring["examples"], "step": trained.step,
@@ -313,7 +316,8 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
                          super_batch_size=cfg.resolved_super_batch_size,
                          steps_per_round=cfg.steps_per_round, rounds=cfg.rounds)
     if not formats.exists(train_lib.checkpoint_url(paths.learner(), 0)):
-        train_lib.train(_train_config(cfg, paths, None, 0))  # Step 0 scores round 0.
+        trainer_cli.train_with_processes(  # Step 0 scores round 0.
+            _train_config(cfg, paths, None, 0), cfg.train_processes)
     records = [_run_round(cfg, paths, r, slices, beam_args) for r in range(cfg.rounds)]
     # Methods that consult the reference pay for training it (jest_curate/ledger.py).
     reference_training = ledger_lib.reference_training_flops(
@@ -350,7 +354,7 @@ def run(argv=None) -> int:
     p.add_argument("--config", required=True, help="run config JSON (see configs/)")
     p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--reference-embeddings", help="shared root for reference embeddings (one directory per scoring settings)")
-    args, beam_args = p.parse_known_args(argv)
+    args, beam_args = options.parse_stage_args(p, argv)
     summary = run_rounds(formats.read_run_config(args.config), args.output,
                          reference_embeddings=args.reference_embeddings, beam_args=beam_args)
     print(json.dumps(summary["rounds"][-1]))

@@ -18,7 +18,9 @@ shard writes the tar bytes of its selected samples to a fragment file, and every
 output tar is assembled from byte ranges of those fragments in selection order.
 
 Outputs (OUTPUT/…): shards/{00000..}.tar + shards/sizes.json, manifest/<corpus shard>.parquet,
-stats.json, and _SUCCESS written last (commit marker listing every file's sha256).
+manifest/_index.json, stats.json, and _SUCCESS written last (the selection's index and
+commit marker: every file with its sha256). The corpus's shard list is read from its
+index on workers, never put into the job graph.
 """
 import argparse
 import dataclasses
@@ -32,12 +34,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils import shared
 
 from jest_core import sampler
 from jest_core import scores
 from jest_curate import formats
 from jest_curate import hashing
-from pipelines import faults
+from pipelines import faults, options
 from training.flops import StepFlops
 
 __all__ = ["SelectConfig", "JoinEmbeddings", "AssignSuperBatches", "SelectSubBatches",
@@ -135,10 +138,16 @@ class _JoinShard(beam.DoFn):
     def __init__(self, cfg: SelectConfig, bucket_bits: int):
         self._cfg = cfg
         self._bits = bucket_bits
+        self._shared = shared.Shared()
 
     def setup(self):
         self._cards = {role: _load_card(getattr(self._cfg, role)) for role in ("reference",
                                                                                 "learner")}
+        # Each embeddings dataset's shards by id, from its index, once per worker process.
+        self._embedded = {role: self._shared.acquire(lambda root=root: _Shards(root),
+                                                     tag=f"shards:{root}")
+                          for role in ("reference", "learner")
+                          for root in [getattr(self._cfg, role)] if root}
         self._slice = frozenset(formats.read_uids(self._cfg.uids).to_pylist()) \
             if self._cfg.uids else None
 
@@ -183,17 +192,17 @@ class _JoinShard(beam.DoFn):
 
     def _embeddings(self, role: str, shard: formats.ShardInfo, uids):
         card = self._cards[role]
-        committed = formats.committed_shard(getattr(self._cfg, role), shard.shard_id)
+        committed = self._embedded[role].by_id.get(shard.shard_id)
         if committed is None:
             empty = np.zeros((0, 1), np.float16)
             return formats.Embeddings([], empty, empty, "", ""), np.full(len(uids), -1)
         url = committed.url
-        # The ShardInfo makes the read check the bytes against the marker's sha256.
+        # The ShardInfo makes the read check the bytes against the index's sha256.
         emb = formats.read_embeddings_shard(committed, expect_model_digest=card.model_digest)
-        if emb.corpus_shard_sha256 != shard.sha256:
+        if emb.corpus_shard_sha256 != shard.version:
             raise formats.FormatError(
                 f"{url}: embeds another version of corpus shard {shard.shard_id} "
-                f"(sha256 {emb.corpus_shard_sha256[:12]} vs {shard.sha256[:12]}); re-run embed")
+                f"(sha256 {emb.corpus_shard_sha256[:12]} vs {shard.version[:12]}); re-run embed")
         position = {u: i for i, u in enumerate(emb.uids)}
         return emb, np.array([position.get(u, -1) for u in uids], dtype=np.int64)
 
@@ -201,13 +210,14 @@ class _JoinShard(beam.DoFn):
 class JoinEmbeddings(beam.PTransform):
     """Corpus shards → (bucket, rows), bucket histograms ("counts"), dead letters ("manifest")."""
 
-    def __init__(self, cfg: SelectConfig, shards, bucket_bits: int):
+    def __init__(self, cfg: SelectConfig, bucket_bits: int):
         super().__init__()
-        self._cfg, self._shards, self._bits = cfg, shards, bucket_bits
+        self._cfg, self._bits = cfg, bucket_bits
 
     def expand(self, pbegin):
         return (pbegin
-                | "CorpusShards" >> beam.Create(self._shards)
+                | "Corpus" >> beam.Create([self._cfg.corpus], reshuffle=False)
+                | "CorpusShards" >> beam.FlatMap(formats.list_shards)  # The index, on a worker.
                 | "Spread" >> beam.Reshuffle()
                 | "JoinShard" >> beam.ParDo(_JoinShard(self._cfg, self._bits))
                 .with_outputs("counts", "manifest", main="rows"))
@@ -379,17 +389,29 @@ def _tar_name(index: int) -> str:
     return f"{index:05d}.tar"
 
 
+class _Shards:
+    """The corpus's shards by id, read from its index once per worker process."""
+
+    def __init__(self, corpus: str):
+        self.by_id = {s.shard_id: s for s in formats.list_shards(corpus)}
+
+
 class _WriteFragment(beam.DoFn):
     """Selected rows of one corpus shard → tar bytes in a fragment file + their byte ranges."""
 
-    def __init__(self, cfg: SelectConfig, shard_urls: dict):
-        self._cfg, self._shard_urls = cfg, shard_urls
+    def __init__(self, cfg: SelectConfig):
+        self._cfg = cfg
+        self._shared = shared.Shared()
+
+    def setup(self):
+        corpus = self._cfg.corpus
+        self._shards = self._shared.acquire(lambda: _Shards(corpus), tag=f"shards:{corpus}")
 
     def process(self, element):
         shard_id, tables = element
         cfg = self._cfg
         chosen = pa.concat_tables(tables).sort_by("row")
-        corpus = formats.read_shard(self._shard_urls[shard_id], schema=formats.CORPUS_SCHEMA)
+        corpus = formats.read_shard(self._shards.by_id[shard_id], schema=formats.CORPUS_SCHEMA)
         images = corpus.take(pa.array(chosen.column("row").to_numpy()))
         first = (cfg.super_batch_range or (0, 0))[0]
         blobs, ranges, offset = [], {}, 0
@@ -445,15 +467,15 @@ class _AssembleTar(beam.DoFn):
 class WriteCuratedShards(beam.PTransform):
     """"selected" tables → OUTPUT/shards/NNNNN.tar; emits {"sizes": {tar: n}} per tar."""
 
-    def __init__(self, cfg: SelectConfig, shard_urls: dict):
+    def __init__(self, cfg: SelectConfig):
         super().__init__()
-        self._cfg, self._shard_urls = cfg, shard_urls
+        self._cfg = cfg
 
     def expand(self, selected):
         return (selected
                 | "SplitByCorpusShard" >> beam.FlatMap(_split_by_shard)
                 | "GroupByCorpusShard" >> beam.CombinePerKey(_ConcatTables())
-                | "WriteFragments" >> beam.ParDo(_WriteFragment(self._cfg, self._shard_urls))
+                | "WriteFragments" >> beam.ParDo(_WriteFragment(self._cfg))
                 | "GroupByTar" >> beam.GroupByKey()
                 | "AssembleTars" >> beam.ParDo(_AssembleTar(self._cfg)))
 
@@ -584,8 +606,16 @@ class _Commit(beam.DoFn):
         files = [f"shards/{n}" for n in sizes] + ["shards/sizes.json", "stats.json"] + \
             [f"manifest/{s}.parquet" for s in sorted(report["manifest_rows"])]
         _remove(formats.join_url(out, "_work"))
-        formats.write_json_atomic(formats.join_url(out, "_SUCCESS"), {
-            "files": {f: formats.sha256_file(formats.join_url(out, f)) for f in files}})
+        shas = {f: formats.sha256_file(formats.join_url(out, f)) for f in files}
+        manifest = formats.join_url(out, "manifest")
+        formats.write_index(manifest, [formats.ShardInfo(
+            shard_id=s, url=formats.join_url(manifest, f"{s}.parquet"), num_rows=n,
+            sha256=shas[f"manifest/{s}.parquet"], schema_name="manifest/v1")
+            for s, n in sorted(report["manifest_rows"].items())], writer="jest-curate select")
+        shas["manifest/_index.json"] = formats.sha256_file(formats.join_url(manifest,
+                                                                            formats.INDEX))
+        # _SUCCESS is the selection's index: every file it holds, with its sha256.
+        formats.write_json_atomic(formats.join_url(out, "_SUCCESS"), {"files": shas})
         yield stats
 
 
@@ -601,20 +631,19 @@ class CurateRound(beam.PTransform):
     def __init__(self, cfg: SelectConfig):
         super().__init__()
         self._cfg = cfg
-        self._shards = formats.list_shards(cfg.corpus)
-        if not self._shards:
+        shards = formats.list_shards(cfg.corpus)  # The index: one read, nothing kept.
+        if not shards:
             raise ValueError(f"no committed corpus shards under {cfg.corpus}")
-        total = sum(s.num_rows for s in self._shards)
+        total = sum(s.num_rows for s in shards)
         self._corpus_rows = total
         self._bits = max(0, math.ceil(math.log2(max(1, total / _BUCKET_TARGET_ROWS))))
 
     def expand(self, pbegin):
         cfg = self._cfg
-        joined = pbegin | "JoinEmbeddings" >> JoinEmbeddings(cfg, self._shards, self._bits)
+        joined = pbegin | "JoinEmbeddings" >> JoinEmbeddings(cfg, self._bits)
         ranked = (joined.rows, joined.counts) | "AssignSuperBatches" >> AssignSuperBatches(cfg)
         chosen = ranked.super_batches | "SelectSubBatches" >> SelectSubBatches(cfg)
-        sizes = chosen.selected | "WriteCuratedShards" >> WriteCuratedShards(
-            cfg, {s.shard_id: s for s in self._shards})
+        sizes = chosen.selected | "WriteCuratedShards" >> WriteCuratedShards(cfg)
         manifests = ((joined.manifest, ranked.manifest, chosen.manifest)
                      | "AllDecisions" >> beam.Flatten()
                      | "WriteManifest" >> WriteManifest(cfg.output))
@@ -655,7 +684,7 @@ def parse_args(argv):
                                   "recorded as outside_slice")
     p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batches-per-shard", type=int, help="sub-batches per output tar")
-    return p.parse_known_args(argv)
+    return options.parse_stage_args(p, argv)
 
 
 def config_from_args(args) -> SelectConfig:

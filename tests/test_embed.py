@@ -252,7 +252,7 @@ def test_grown_corpus_embeds_only_new_shards(corpus, checkpoint, embedded, tmp_p
                if before.get(name) != after[name] and (output / name).is_file()}
     assert changed == {"shard-003.parquet", "shard-003.parquet.commit",
                        "_dead_letter/shard-003.parquet", "_dead_letter/shard-003.parquet.commit",
-                       "stats.json"}
+                       "_index.json", "_dead_letter/_index.json", "stats.json"}
     counters = _counters(result)
     assert (counters["shards_cached"], counters["shards_embedded"], counters["seen"]) == (3, 1, 40)
 

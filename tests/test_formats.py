@@ -104,6 +104,42 @@ def test_uncommitted_and_tampered_shards(tmp_path):
         formats.read_shard(formats.list_shards(root)[0])
 
 
+def test_index_is_the_dataset_and_drop_lists_are_honoured(tmp_path):
+    root = str(tmp_path / "ds")
+    a = formats.write_shard(root, "a", _corpus_table(5), schema=formats.CORPUS_SCHEMA)
+    b = formats.write_shard(root, "b", _corpus_table(3, offset=10), schema=formats.CORPUS_SCHEMA)
+    dropped = formats.write_drop_list(a, pa.table({"row": [3, 0], "uid": ["0003", "0000"],
+                                                   "reason": ["duplicate_image"] * 2}))
+    assert (dropped.num_rows, dropped.rows_in_file, dropped.sha256) == (3, 5, a.sha256)
+    assert dropped.version != a.version == a.sha256
+    doc = formats.write_index(root, [b, dropped], writer="test", fields={"a": {"source": "s"}})
+    assert (doc["num_shards"], doc["num_rows"]) == (2, 6)
+    # A shard written after the index is not part of the dataset.
+    formats.write_shard(root, "c", _corpus_table(2), schema=formats.CORPUS_SCHEMA)
+    listed = formats.list_shards(root)
+    assert listed == [dropped, b] and len(formats.scan_shards(root)) == 3
+    assert json.loads((tmp_path / "ds" / "_index.json").read_text())["shards"][0]["source"] == "s"
+    # Readers skip the dropped rows, whole or in batches.
+    want = ["0001", "0002", "0004"]
+    assert formats.read_shard(listed[0]).column("uid").to_pylist() == want
+    batches = formats.iter_shard_batches(listed[0], batch_size=2)
+    assert [u for batch in batches for u in batch.column("uid").to_pylist()] == want
+    # A drop list that does not match the index is refused, not trusted.
+    (tmp_path / "ds" / "a.drop.parquet").write_bytes(b"tampered")
+    with pytest.raises(formats.FormatError, match="do not match the sha256"):
+        formats.read_shard(listed[0])
+    # Unfinished: _INCOMPLETE wins over an index.
+    formats.mark_incomplete(root, "jest-curate ingest")
+    with pytest.raises(formats.FormatError, match="ingest did not finish"):
+        formats.list_shards(root)
+    formats.clear_incomplete(root)
+    formats.remove_index(root)  # Without an index: every committed marker.
+    assert [s.shard_id for s in formats.list_shards(root)] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="distinct"):
+        formats.write_drop_list(a, pa.table({"row": [1, 1], "uid": ["x", "x"],
+                                             "reason": ["r", "r"]}))
+
+
 def test_shard_write_errors(tmp_path):
     with pytest.raises(ValueError, match="invalid shard id"):
         formats.write_shard(str(tmp_path), "../x", _corpus_table(), schema=formats.CORPUS_SCHEMA)

@@ -70,7 +70,9 @@ def test_parquet_round_trip_with_custom_columns_and_dead_letters(tmp_path):
     stats = ingest.run(argv)
     _check_stats(stats, n + 1, {"caption_not_utf8": 1, "empty_caption": 1, "invalid_uid": 1,
                                 "undecodable_image": 1, "unreadable_input": 1})
-    assert stats["by_source"]["web-a"]["ingested"] == n - 4 and len(stats["shards"]) == 3
+    # Each input file (parquet: row group) is its own shards: 3 row groups of 10 rows plus
+    # one file, 16 rows at most per shard (9 of the first file's 25 rows are dead letters).
+    assert stats["by_source"]["web-a"]["ingested"] == n - 4 and stats["num_shards"] == 4
     corpus = _corpus(out)
     bad = {3, 5, 7, 9}
     assert sorted(corpus) == sorted(rows["key"][i] for i in range(n) if i not in bad)
@@ -84,9 +86,12 @@ def test_parquet_round_trip_with_custom_columns_and_dead_letters(tmp_path):
     assert _dead_letters(out) == [("caption_not_utf8", "id-009"), ("empty_caption", "id-005"),
                                   ("invalid_uid", None), ("undecodable_image", "id-003"),
                                   ("unreadable_input", None)]
-    shas = {s.shard_id: s.sha256 for s in formats.list_shards(out)}
-    assert ingest.run(argv)["shards"] == stats["shards"]  # A rerun rewrites identical shards.
-    assert {s.shard_id: s.sha256 for s in formats.list_shards(out)} == shas
+    index = formats.read_json(f"{out}/_index.json")
+    assert {e["unit"] for e in index["shards"]} == {
+        "part-0.parquet#rg=0", "part-0.parquet#rg=1", "part-0.parquet#rg=2",
+        "sub/part-1.parquet#rg=0"}
+    assert ingest.run(argv)["num_shards"] == 4  # A rerun rewrites identical shards.
+    assert formats.read_json(f"{out}/_index.json") == index
 
 
 def test_parquet_missing_column_is_a_clear_error(tmp_path):

@@ -135,4 +135,6 @@ def test_ingest_from_and_to_gcs(gcs):
     assert new and all(p.startswith(f"{BUCKET}/out/corpus/") for p in new)
     assert not any(p.rsplit("/", 1)[1].startswith("_tmp.") for p in new)
 
-    assert ingest.run(argv)["shards"] == stats["shards"]  # A rerun rewrites identical shards.
+    index = formats.read_json(f"{out}/_index.json")
+    assert ingest.run(argv)["num_shards"] == stats["num_shards"]
+    assert formats.read_json(f"{out}/_index.json") == index  # A rerun: identical shards.

@@ -238,7 +238,11 @@ def test_webdataset_round_trip(tmp_path):
     stats = ingest.run(["--input", str(src), "--format", "webdataset", "--output", out,
                         "--source", "web", "--rows-per-shard", "7"] + BEAM)
     check_accounting(stats, out)
-    assert (stats["seen"], stats["ingested"], len(stats["shards"])) == (18, 18, 3)
+    # Shards follow inputs: each tar's 6 samples make one shard of <= 7 rows.
+    assert (stats["seen"], stats["ingested"], stats["num_shards"]) == (18, 18, 3)
+    index = formats.read_json(f"{out}/_index.json")
+    assert sorted(e["unit"] for e in index["shards"]) == ["a.tar", "part/b.tar", "part/c.tar"]
+    assert all(e["source"] == "web" and e["rows"] == 6 for e in index["shards"])
     rows = corpus_rows(out)
     assert set(rows) == set(expected)
     for uid, (img, ext, caption, meta, where) in expected.items():
@@ -417,38 +421,55 @@ def test_dedup_winner_does_not_depend_on_order_or_grouping(tmp_path):
         "source": ["a", "a", "b", "a", "b", "a", "a"],
         "source_location": ["a#1", "a#2", "b#1", "a#3", "b#2", "a#4", "a#0"],
         "image_key": ["i1", "i2", "i9", "i1", "i1", "i3", "i3"],
-        "caption_key": ["c1", "c2", "c9", "c1", "c7", "c3", "c4"]}, schema=dedup.KEYS_SCHEMA)
+        "caption_key": ["c1", "c2", "c9", "c1", "c7", "c3", "c4"]})
     for _ in range(5):
         shuffled = keys.take(pa.array(rng.sample(range(keys.num_rows), keys.num_rows)))
-        survivors, uid_losers = dedup.uid_duplicates(shuffled)
-        losers = dedup.image_duplicates(survivors, "image")
-        got = sorted((u, r) for t in (uid_losers, losers)
-                     for u, r in zip(t.column("uid").to_pylist(), t.column("reason").to_pylist()))
-        assert got == [("u1", "duplicate_uid"), ("u3", "duplicate_image_caption"),
-                       ("u4", "duplicate_image"), ("u5", "duplicate_image")]
-        assert uid_losers.column("source_location").to_pylist() == ["b#1"]  # a#1 sorts first.
-    pair_only = dedup.image_duplicates(dedup.uid_duplicates(keys)[0], "image-caption")
-    assert pair_only.column("uid").to_pylist() == ["u3"]
+        lost = dedup.losers(shuffled, "image")
+        got = sorted(zip(lost.column("uid").to_pylist(), lost.column("reason").to_pylist(),
+                         lost.column("source_location").to_pylist()))
+        assert got == [("u1", "duplicate_uid", "b#1"),  # a#1 sorts first.
+                       ("u3", "duplicate_image_caption", "a#3"),
+                       ("u4", "duplicate_image", "b#2"), ("u5", "duplicate_image", "a#4")]
+    assert dedup.losers(keys, "image-caption").column("uid").to_pylist() == ["u1", "u3"]
+    assert dedup.losers(keys, "none").column("uid").to_pylist() == ["u1"]
+    # A hot key: one image a thousand times is one accumulator entry, whoever adds it.
+    hot = pa.table({"uid": [f"h{i}" for i in range(1000)], "source": ["a"] * 1000,
+                    "source_location": [f"a#{i:04d}" for i in range(1000)],
+                    "image_key": ["same"] * 1000, "caption_key": ["c"] * 1000})
+    assert dedup.losers(hot, "image").num_rows == 999
+    assert dedup.winners(dedup._in_flight(dedup.dedup_keys(pa.table({
+        "uid": ["x"], "source": ["a"], "source_location": ["a#0"], "image": [b"1"],
+        "caption": ["c"]}), shard="s"), 1), "image_key").num_rows == 1
 
     # The pipeline agrees when key records are spread over many groups and shards.
     src = tmp_path / "dups"
     src.mkdir()
-    members = []
-    for j in range(30):
-        members += sample(f"k{j:02d}", image_bytes(j % 7, "PNG"), f"caption {j % 3}", ext="png")
-    (src / "0.tar").write_bytes(tar_bytes(members))
+    for t in range(3):
+        members = []
+        for j in range(10 * t, 10 * t + 10):
+            members += sample(f"k{j:02d}", image_bytes(j % 7, "PNG"), f"caption {j % 3}",
+                              ext="png")
+        (src / f"{t}.tar").write_bytes(tar_bytes(members))
     outs = []
     for group in ("1", "1000000"):
         out = str(tmp_path / f"out{group}")
         stats = ingest.run(["--input", str(src), "--format", "webdataset", "--output", out,
                             "--dedup-rows-per-group", group, "--rows-per-shard", "3"] + BEAM)
         check_accounting(stats, out)
-        outs.append((stats["shards"], sorted((r["uid"], r["reason"]) for r in dead_letters(out))))
+        outs.append((formats.read_json(f"{out}/_index.json"),
+                     sorted((r["uid"], r["reason"]) for r in dead_letters(out))))
     assert outs[0] == outs[1]
     assert outs[0][1] and {r for _, r in outs[0][1]} == {"duplicate_image",
                                                          "duplicate_image_caption"}
     # Kept: the first sample (k00..k06) of each of the 7 images.
-    assert len(corpus_rows(str(tmp_path / "out1"))) == 7
+    kept = corpus_rows(str(tmp_path / "out1"))
+    assert sorted(r["source_location"].split("#")[1][:3] for r in kept.values()) == [
+        f"k{j:02d}" for j in range(7)]
+    # Decisions are drop lists: the shards of 0.tar and 1.tar keep their files.
+    index = outs[0][0]
+    assert any("drop_sha256" in e for e in index["shards"])
+    assert sum(e["rows"] for e in index["shards"]) == 7
+    assert sum(e.get("file_rows", e["rows"]) for e in index["shards"]) == 30
 
 
 def test_configuration_errors_are_clear(tmp_path):

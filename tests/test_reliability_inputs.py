@@ -227,6 +227,19 @@ def test_arbitrary_pickle_checkpoints_are_refused_everywhere(corpus_root, evil_c
     assert not os.path.exists(proof), "unpickling ran the checkpoint's code"
 
 
+def test_select_reads_embeddings_through_their_index(corpus_root, damaged):
+    """A shard file whose marker is intact but which the index does not list is not part of
+    the embeddings: select dead-letters its rows (it never lists markers)."""
+    cfg, ref = damaged
+    formats.write_index(ref, [s for s in formats.scan_shards(ref) if s.shard_id != SHARD],
+                        writer="test")
+    assert os.path.exists(_shard_url(ref) + ".commit")
+    stats = _run(cfg)
+    rows = formats.list_shards(os.path.join(corpus_root, "corpus"))
+    missing = next(s.num_rows for s in rows if s.shard_id == SHARD)
+    assert stats["dead_letters_by_reason"] == {"missing_reference_embedding": missing}
+
+
 def test_select_without_embeddings_for_some_rows_dead_letters_them(corpus_root, damaged):
     """A missing embeddings shard is not an error: its rows are dead letters, counted."""
     cfg, ref = damaged

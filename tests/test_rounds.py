@@ -281,3 +281,22 @@ def test_the_ledger_adds_up_every_cost_of_the_run(setup, finished):
     again = rounds.run_rounds(recorded, str(root / "run_recorded"), beam_args=BEAM,
                               reference_embeddings=str(root / "ref_emb"))
     assert again["rounds"][0]["ledger"]["reference_training"] == 123
+
+
+def test_rounds_train_with_two_processes(setup, finished):
+    """train_processes = 2: each round's training runs under torchrun (gloo on CPU)."""
+    root, _, cfg = setup
+    out_a, summary_a = finished
+    out_b = str(root / "run_ddp")
+    summary_b = rounds.run_rounds(dataclasses.replace(cfg, train_processes=2), out_b,
+                                  beam_args=BEAM, reference_embeddings=str(root / "ref_emb"))
+    for a, b in zip(summary_a["rounds"], summary_b["rounds"]):
+        assert (b["examples_seen"], b["train_flops"]) == \
+            (a["examples_seen"], a["train_flops"])  # Global, not one rank's.
+    last = formats.load_checkpoint(os.path.join(out_b, "learner", "checkpoints",
+                                                "step_00000004.pt"))
+    assert last.extra["world_size"] == 2
+    # Round 0 is scored by the step-0 learner, the same in both runs: the same selection.
+    selection = os.path.join("rounds", "r0000", "selection")
+    digests_a, digests_b = _digests(out_a, (selection,)), _digests(out_b, (selection,))
+    assert digests_a and digests_a == digests_b

@@ -350,7 +350,7 @@ def test_step0_and_trained_checkpoints_run_through_jest_curate_embed(tmp_path):
 def test_corrupt_or_mismatched_checkpoints_are_clear_errors(tmp_path):
     url = _write_curated(tmp_path / "c", [_rows(8)])
     train_lib.train(_config(tmp_path, "run", url, stop_at_step=1))
-    with pytest.raises(FileExistsError, match="pass resume"):
+    with pytest.raises(FileExistsError, match="pass --resume"):
         train_lib.train(_config(tmp_path, "run", url))
     with pytest.raises(formats.CheckpointError, match="change the run's settings"):
         train_lib.train(_config(tmp_path, "run", url, resume=True, learning_rate=1.0))

@@ -111,7 +111,8 @@ class CuratedShards:
         self.num_examples = sum(n for _, n in self.shards)
         if self.num_examples % batch_size:
             raise DataError(f"{url}: {self.num_examples} samples is not a multiple of "
-                            f"batch size {batch_size}; were they selected with another b?")
+                            f"batch size {batch_size}; pass --batch-size with the b they "
+                            "were selected with")
         self.num_batches = self.num_examples // batch_size
 
     def examples(self, start: int = 0) -> Iterator[Example]:
@@ -214,11 +215,12 @@ def detect_format(url: str) -> str:
     """"curated" (tar shards + sizes.json) or "canonical" (committed parquet shards)."""
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.isdir(path):
-        raise DataError(f"no training data directory at {url}")
+        raise DataError(f"no training data directory at {url} (`jest-curate select` writes "
+                        "curated shards to OUTPUT/shards; `ingest` or `demo-data` a corpus)")
     names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
     if "sizes.json" in names or any(n.endswith(".tar") for n in names):
         return "curated"
-    if any(n.endswith(".parquet.commit") for n in names):
+    if formats.INDEX in names or any(n.endswith(".parquet.commit") for n in names):
         return "canonical"
     raise DataError(f"{url}: neither curated shards (*.tar + sizes.json) nor a canonical "
                     "corpus (*.parquet with commit markers)")

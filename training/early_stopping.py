@@ -49,15 +49,19 @@ def split_holdout(corpus: str, output: str, *, fraction: float, seed: int) -> di
     if formats.exists(record_url) and formats.read_json(record_url).get("params") == params:
         return formats.read_json(record_url)
     threshold = int(fraction * 2 ** 64)
-    counts = {"train": 0, "holdout": 0}
+    counts, written = {"train": 0, "holdout": 0}, {"train": [], "holdout": []}
     for shard in formats.list_shards(corpus):
         table = formats.read_shard(shard, schema=formats.CORPUS_SCHEMA)
         held = np.array([hashing.hash_u64("holdout", seed, u) < threshold
                          for u in table.column("uid").to_pylist()], bool)
         for part, mask in (("holdout", held), ("train", ~held)):
-            formats.write_shard(formats.join_url(output, part), shard.shard_id,
-                                table.filter(pa.array(mask)), schema=formats.CORPUS_SCHEMA)
+            written[part].append(formats.write_shard(
+                formats.join_url(output, part), shard.shard_id, table.filter(pa.array(mask)),
+                schema=formats.CORPUS_SCHEMA))
             counts[part] += int(mask.sum())
+    for part, infos in written.items():  # Each part is one committed dataset.
+        formats.write_index(formats.join_url(output, part), infos,
+                            writer="jest-curate reference holdout split")
     if not counts["holdout"] or not counts["train"]:
         raise ValueError(f"holdout split of {corpus} left a part empty: {counts}")
     record = {"params": params, "train": formats.join_url(output, "train"),

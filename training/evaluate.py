@@ -232,7 +232,7 @@ def load_eval_data(url: str) -> EvalData:
             break
     else:
         raise FileNotFoundError(f"no classes.json in {url} or {url}/eval: not an eval "
-                                "directory")
+                                "directory (`jest-curate demo-data` writes one in OUTPUT/eval)")
     classes = formats.read_json(classes_url)
     if not isinstance(classes, dict) or not classes.get("classnames") or not classes.get(
             "templates"):

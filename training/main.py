@@ -9,14 +9,17 @@
     jest-curate eval --checkpoint runs/reference --eval-data demo/eval --output ref.json
 """
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 
 import torch
 
-from jest_curate import formats
+from jest_curate import flags, formats
 from training import data as data_lib
+from training import distributed
 from training import evaluate
 from training import model as model_lib
 from training import train as train_lib
@@ -72,9 +75,12 @@ def parse_train_args(argv):
                    help="Fraction of each batch trained at --low-res-size.")
     p.add_argument("--window-shards", type=int, default=8,
                    help="Canonical data: shards shuffled together (memory bound).")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="Data-parallel training processes on this machine (torchrun; one per "
+                        "GPU, gloo on CPU). The global batch stays --batch-size.")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
-    return p.parse_args(argv)
+    return flags.parse_strict(p, argv)[0]
 
 
 def _train_config(args) -> train_lib.TrainConfig:
@@ -101,14 +107,76 @@ def _train_config(args) -> train_lib.TrainConfig:
         tensorboard=args.tensorboard)
 
 
+def _without_nproc(argv) -> list:
+    # torchrun's parser would read `--nproc` as an ambiguous abbreviation of its own
+    # --nproc-per-node; the processes it starts know they are distributed (WORLD_SIZE).
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def train_argv(config: train_lib.TrainConfig) -> list:
+    """`jest-curate train` flags that rebuild `config` (the inverse of `_train_config`)."""
+    eps = next(f for f in dataclasses.fields(train_lib.TrainConfig) if f.name == "eps")
+    if config.eps != eps.default:
+        raise ValueError("eps has no flag; train in-process to change it")
+    flags_ = {"--model": config.model, "--output": config.output, "--shards": config.data,
+              "--data-format": config.data_format, "--batch-size": config.batch_size,
+              "--steps": config.total_steps, "--stop-at-step": config.stop_at_step,
+              "--lr": config.learning_rate, "--min-lr": config.min_learning_rate,
+              "--warmup-steps": config.warmup_steps, "--weight-decay": config.weight_decay,
+              "--beta1": config.beta1, "--beta2": config.beta2,
+              "--grad-clip-norm": config.grad_clip_norm, "--seed": config.seed,
+              "--precision": config.precision, "--device": config.device,
+              "--num-threads": config.num_threads,
+              "--checkpoint-every": config.checkpoint_every,
+              "--low-res-size": config.low_res_size,
+              "--low-res-fraction": config.low_res_fraction,
+              "--window-shards": config.window_shards, "--log-every": config.log_every}
+    argv = [str(x) for flag, value in flags_.items() if value is not None
+            for x in (flag, repr(value) if isinstance(value, float) else value)]
+    return argv + (["--resume"] if config.resume else []) + (
+        [] if config.tensorboard else ["--no-tensorboard"])
+
+
+def train_with_processes(config: train_lib.TrainConfig, nproc: int) -> train_lib.TrainResult:
+    """`train(config)`, as `nproc` data-parallel processes under torchrun when nproc > 1."""
+    if nproc == 1:
+        return train_lib.train(config)
+    code = distributed.launch(nproc, ["train", *train_argv(config)])
+    if code:
+        raise RuntimeError(f"jest-curate train --nproc {nproc} exited with {code}")
+    latest = formats.read_json(formats.join_url(config.output, "checkpoints", "latest.json"))
+    return train_lib.TrainResult(
+        step=latest["step"], examples_seen=latest["examples_seen"], flops=latest["flops"],
+        checkpoint=formats.join_url(config.output, "checkpoints", latest["checkpoint"]),
+        loss=None)
+
+
 def train_main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_train_args(argv)
+    if args.nproc < 1:
+        print("jest-curate train: error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(args.nproc, ["train", *_without_nproc(argv)])
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     try:
         result = train_lib.train(_train_config(args))
     except _USER_ERRORS + (ValueError,) as e:
         print(f"jest-curate train: error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     print(json.dumps({"step": result.step, "checkpoint": result.checkpoint,
                       "examples_seen": result.examples_seen, "flops": result.flops,
                       "loss": result.loss}))
@@ -130,7 +198,7 @@ def parse_eval_args(argv):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads.")
-    return p.parse_args(argv)
+    return flags.parse_strict(p, argv)[0]
 
 
 def _resolve_checkpoint(url: str) -> str:

@@ -29,10 +29,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from jest_curate import formats
 from jest_curate import hashing
+from training import flops as flops_lib
 from training import model as model_lib
 from training import preprocess
 
@@ -358,27 +358,17 @@ class FlopCounts:
 
 
 def measure_flops(scorer: ScoringModel, *, batch_size: int = 4) -> FlopCounts:
-    """Count the FLOPs of one forward pass with torch.utils.flop_counter.
+    """Count the FLOPs of one forward pass (training.flops: every attention kernel counted).
 
     FLOPs do not depend on pixel values or caption words, so a synthetic batch of
-    the contract's shape is used. PyTorch's fused eval-mode attention fast path
-    (torch._native_multi_head_attention) is invisible to FlopCounterMode, so it
-    is switched off while counting.
+    the contract's shape is used.
     """
     contract = scorer.contract
     size = contract.image_size
     pixels = torch.zeros(batch_size, contract.channels, size, size, device=scorer.device)
     tokens = preprocess.tokenize(["a photo"] * batch_size, contract).to(scorer.device)
     keys = np.arange(batch_size, dtype=np.uint64)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), scorer._autocast(), scorer._keys(keys):
-            with FlopCounterMode(display=False) as image_counter:
-                scorer.model.encode_image(pixels, normalize=True)
-            with FlopCounterMode(display=False) as text_counter:
-                scorer.model.encode_text(tokens, normalize=True)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    return FlopCounts(image=image_counter.get_total_flops() / batch_size,
-                      text=text_counter.get_total_flops() / batch_size)
+    with torch.no_grad(), scorer._autocast(), scorer._keys(keys):
+        _, image = flops_lib.count_flops(lambda: scorer.model.encode_image(pixels, normalize=True))
+        _, text = flops_lib.count_flops(lambda: scorer.model.encode_text(tokens, normalize=True))
+    return FlopCounts(image=image / batch_size, text=text / batch_size)

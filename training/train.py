@@ -13,7 +13,9 @@ fp32 a resumed run is bit-for-bit an uninterrupted one. The same code trains
 the reference model on canonical (random-batch) data.
 
 Loss: open_clip's `SigLipLoss` (Zhai et al. 2023) with the config's SigLIP
-initialisation of logit scale and bias. Multi-resolution (Flexi-JEST, Evans et
+initialisation of logit scale and bias. Under torchrun (`training.distributed`) each
+process trains on its part of every global batch, the loss spans the global batch through
+SigLipLoss's neighbour exchange, and DistributedDataParallel averages the gradients. Multi-resolution (Flexi-JEST, Evans et
 al. 2024 sec. 4): a seeded `low_res_fraction` of every batch is seen at
 `low_res_size`, through the same ViT with its position grid resampled.
 """
@@ -30,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 from open_clip.transformer import VisionTransformer
+from torch.nn.parallel import DistributedDataParallel
 
 from jest_curate import formats, hashing
 from training import data as data_lib
 from training import model as model_lib
+from training.distributed import World, world_from_env
 from training.flops import StepFlops
 from training.schedule import warmup_cosine_lr
 
@@ -169,6 +173,31 @@ def _resize_positions(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:1], image.permute(0, 2, 3, 1).reshape(grid * grid, -1)], dim=0)
 
 
+def _encode_images(model: torch.nn.Module, images: torch.Tensor, low_res: bool) -> torch.Tensor:
+    if not low_res:
+        return model.encode_image(images, normalize=True)
+    visual = model.visual
+    grid = images.shape[-1] // visual.patch_size[0]
+    positions = _resize_positions(visual.positional_embedding, grid)
+    features = torch.func.functional_call(visual, {"positional_embedding": positions},
+                                          (images,))
+    return F.normalize(features, dim=-1)
+
+
+class _Towers(torch.nn.Module):
+    """One training forward: image parts (each at its resolution) and captions, as the
+    loss takes them. A module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_parts, tokens):
+        image = torch.cat([_encode_images(self.model, images, low) for images, low in image_parts])
+        text = self.model.encode_text(tokens, normalize=True)
+        return image, text, self.model.logit_scale.exp(), self.model.logit_bias
+
+
 def _architecture(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "preprocess_cfg"}
 
@@ -186,11 +215,14 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
 class Trainer:
     """Model, optimizer and counters of one run; `fit` trains up to a step."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, world: Optional[World] = None):
         self.config = config
+        self.world = world or World()
         if config.num_threads:  # Process-wide; on a shared CPU fewer threads stall less.
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.world.distributed:
+            self.device = torch.device("cuda", self.world.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.model_name, self.model_cfg = model_lib.load_model_config(config.model)
         self.contract = model_lib.preprocess_contract(self.model_cfg)
@@ -198,7 +230,12 @@ class Trainer:
         self.model = model_lib.build_model(self.model_cfg).to(self.device)
         torch.manual_seed(hashing.derive_seed(config.seed, "train"))  # Dropout etc.
         self.optimizer = _optimizer(self.model, config)
-        self.loss_fn = SigLipLoss()
+        self.loss_fn = SigLipLoss(rank=self.world.rank, world_size=self.world.size)
+        self.towers = _Towers(self.model)
+        if self.world.distributed:
+            self.towers = DistributedDataParallel(
+                self.towers, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
         self.low_res_contract = self._check_low_res() if config.low_res_size else None
         self.step, self.examples_seen, self.flops = 0, 0, 0
         self.flops_per_example_train = None
@@ -220,12 +257,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self) -> str:
+        """Rank 0 writes the checkpoint; every process returns its URL once it exists."""
         url = checkpoint_url(self.config.output, self.step)
+        if self.world.is_main:
+            self._write_checkpoint(url)
+        self.world.barrier()
+        return url
+
+    def _write_checkpoint(self, url: str) -> None:
         extra = {
             "run": self.config.run_fields(), "examples_seen": self.examples_seen,
             "flops": self.flops, "flops_per_example_train": self.flops_per_example_train,
             "dropped": dict(self.dropped), "data_position": self.data_position,
-            "precision": self.precision,
+            "precision": self.precision, "world_size": self.world.size,
             "torch_rng_state": torch.get_rng_state().tolist(),
         }
         if self.device.type == "cuda":
@@ -243,7 +287,6 @@ class Trainer:
             "model_name": self.model_name, "examples_seen": self.examples_seen,
             "flops": self.flops, "flops_per_example_train": self.flops_per_example_train})
         log.info("step %d: checkpoint %s", self.step, url)
-        return url
 
     def restore(self, url: str) -> None:
         """Continue from a checkpoint of this same run (model, schedule, seed, batch size)."""
@@ -258,6 +301,11 @@ class Trainer:
             raise formats.CheckpointError(f"{url}: lacks training state; not a trainer "
                                           "checkpoint, so it cannot be resumed")
         changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        if extra.get("world_size", 1) != self.world.size:
+            raise formats.CheckpointError(
+                f"{url}: trained with {extra.get('world_size', 1)} process(es); resume it with "
+                f"the same number (--nproc {extra.get('world_size', 1)}), not {self.world.size}: "
+                "each process's share of every batch would change")
         if changed:
             raise formats.CheckpointError(f"{url}: resuming would change the run's "
                                           f"settings (checkpoint, requested): {changed}")
@@ -275,16 +323,6 @@ class Trainer:
         log.info("resumed %s at step %d", url, self.step)
 
     # ----------------------------------------------------------------- training
-    def _encode_images(self, images: torch.Tensor, low_res: bool) -> torch.Tensor:
-        if not low_res:
-            return self.model.encode_image(images, normalize=True)
-        visual = self.model.visual
-        grid = images.shape[-1] // visual.patch_size[0]
-        positions = _resize_positions(visual.positional_embedding, grid)
-        features = torch.func.functional_call(visual, {"positional_embedding": positions},
-                                              (images,))
-        return F.normalize(features, dim=-1)
-
     def _split_resolutions(self, examples):
         """(full-resolution, low-resolution) examples; the split is seeded by the step."""
         if self.low_res_contract is None:
@@ -295,21 +333,41 @@ class Trainer:
         return ([e for i, e in enumerate(examples) if i not in low],
                 [e for i, e in enumerate(examples) if i in low])
 
+    def _my_parts(self, examples):
+        """This process's (full-resolution, low-resolution) examples of a global batch.
+
+        The resolution split is drawn over the global batch, whose order is full then low
+        (as one process trains it); each process takes its contiguous part of that order.
+        """
+        full, low = self._split_resolutions(examples)
+        ordered = [(e, False) for e in full] + [(e, True) for e in low]
+        mine = ordered[self.world.part(len(ordered))]
+        return [e for e, is_low in mine if not is_low], [e for e, is_low in mine if is_low]
+
     def train_step(self, examples) -> float:
-        full_examples, low_examples = self._split_resolutions(examples)
+        """One optimizer step on a global batch (every process passes the same one)."""
+        full_examples, low_examples = self._my_parts(examples)
         parts = [(data_lib.prepare_batch(full_examples, self.contract), False)]
         if low_examples:
             parts.append((data_lib.prepare_batch(low_examples, self.low_res_contract), True))
+        dropped = 0
         for batch, _ in parts:
             for reason, uids in batch.dropped.items():
                 self.dropped[reason] += len(uids)
+                dropped += len(uids)
                 log.warning("step %d: dropped %d example(s) (%s): %s", self.step, len(uids),
                             reason, uids[:10])
         parts = [(b, low) for b, low in parts if b.uids]
+        n_local = sum(len(b.uids) for b, _ in parts)
+        n, dropped = (int(x) for x in self.world.sum([n_local, dropped]))
+        if self.world.distributed and dropped:  # Every process raises: none waits forever.
+            raise data_lib.DataError(
+                f"step {self.step}: {dropped} example(s) of the global batch were unusable; "
+                "distributed steps need every process's part whole (train this data with "
+                "one process, or drop the examples when selecting)")
         if not parts:
             raise data_lib.DataError(f"step {self.step}: every example of the batch was "
                                      "unusable")
-        n = sum(len(b.uids) for b, _ in parts)
         tokens = torch.cat([b.tokens for b, _ in parts]).to(self.device)
         lr = warmup_cosine_lr(self.step, base_lr=self.config.learning_rate,
                               warmup_steps=self.config.warmup_steps,
@@ -321,28 +379,29 @@ class Trainer:
         def forward_backward():
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.precision == "bf16"):
-                image = torch.cat([self._encode_images(b.images.to(self.device), low)
-                                   for b, low in parts])
-                text = self.model.encode_text(tokens, normalize=True)
+                image, text, scale, bias = self.towers(
+                    [(b.images.to(self.device), low) for b, low in parts], tokens)
             # The loss in fp32: bf16 logits near the -10 bias would lose the signal.
-            loss = self.loss_fn(image.float(), text.float(), self.model.logit_scale.exp(),
-                                self.model.logit_bias)
+            loss = self.loss_fn(image.float(), text.float(), scale, bias)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             return loss
 
         shape_key = tuple((tuple(b.images.shape), low) for b, low in parts) + (tokens.shape,)
-        loss, flops = self._step_flops.run(shape_key, forward_backward)
+        loss, flops_local = self._step_flops.run(shape_key, forward_backward)
         if self.config.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
         self.optimizer.step()
         with torch.no_grad():  # As open_clip_train: keep t = exp(t') <= 100.
             self.model.logit_scale.clamp_(0, math.log(100))
+        # Global figures: FLOPs of every process; the loss over the global batch is the
+        # mean of the processes' losses (each is its rows' sum over its part size).
+        flops, loss_sum = self.world.sum([flops_local, float(loss.detach())])
         self.step += 1
         self.examples_seen += n
-        self.flops += flops
-        self.flops_per_example_train = flops / n
-        loss_value = float(loss.detach())
+        self.flops += int(flops)
+        self.flops_per_example_train = int(flops) / n
+        loss_value = loss_sum / self.world.size
         self._log_scalars(loss_value, lr)
         return loss_value
 
@@ -359,7 +418,7 @@ class Trainer:
 
     def _open_writer(self) -> None:
         fs, path = fsspec.core.url_to_fs(self.config.output)
-        if not self.config.tensorboard:
+        if not self.config.tensorboard or not self.world.is_main:
             return
         if "file" not in fs.protocol and "local" not in fs.protocol:
             log.warning("TensorBoard scalars are written for local outputs only; skipping")
@@ -400,14 +459,26 @@ class Trainer:
         return loss
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Start (writing step 0) or resume a run, and train it up to `config.stop`."""
-    trainer = Trainer(config)
+def _open_data(config: TrainConfig):
+    return data_lib.open_source(config.data, data_format=config.data_format,
+                                batch_size=config.batch_size,
+                                seed=hashing.derive_seed(config.seed, "train_data"),
+                                window_shards=config.window_shards)
+
+
+def train(config: TrainConfig, world: Optional[World] = None) -> TrainResult:
+    """Start (writing step 0) or resume a run, and train it up to `config.stop`.
+
+    Under torchrun every process calls this; `world` defaults to torchrun's environment.
+    """
+    world = world or world_from_env(resolve_device(config.device).type)
+    trainer = Trainer(config, world)
     latest = latest_checkpoint(config.output)
+    source = None
     if latest is not None:
         if not config.resume:
             raise FileExistsError(f"{config.output} already holds checkpoints (newest "
-                                  f"{latest}); pass resume to continue it or pick another "
+                                  f"{latest}); pass --resume to continue it or pick another "
                                   "output")
         trainer.restore(latest)
         if trainer.step > config.stop:
@@ -416,14 +487,12 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         if config.resume:
             log.info("nothing to resume in %s: starting a new run", config.output)
+        if config.stop > 0:  # Unusable data fails before step 0 is written.
+            source = _open_data(config)
         latest = trainer.save()  # Step 0: the learner that scores round 0.
     loss = None
     if trainer.step < config.stop:
-        source = data_lib.open_source(config.data, data_format=config.data_format,
-                                      batch_size=config.batch_size,
-                                      seed=hashing.derive_seed(config.seed, "train_data"),
-                                      window_shards=config.window_shards)
-        loss = trainer.fit(source, config.stop)
+        loss = trainer.fit(source or _open_data(config), config.stop)
         latest = checkpoint_url(config.output, trainer.step)
     return TrainResult(step=trainer.step, checkpoint=latest, examples_seen=trainer.examples_seen,
                        flops=trainer.flops, loss=loss)
