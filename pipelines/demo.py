@@ -44,6 +44,10 @@ class ReferenceConfig:
     holdout_fraction: float = 0.1
     eval_every: int = 0
     patience: int = 3
+    # Multi-resolution training (FlexiViT), so a low-resolution scoring setting
+    # (score_image_size) reads a reference that was trained there too.
+    low_res_size: Optional[int] = None
+    low_res_fraction: float = 0.0
 
 
 _CORPUS_SIZES = ("pool_size", "curated_size", "eval_size", "retrieval_size", "shard_size")
@@ -83,6 +87,7 @@ def _reference(cfg: DemoConfig, data: str, out: str) -> dict:
         data_format="canonical", batch_size=ref.batch_size, total_steps=ref.steps,
         learning_rate=ref.learning_rate, warmup_steps=ref.warmup_steps, precision=ref.precision,
         seed=hashing.derive_seed(cfg.data_seed, "reference_init"), resume=True,
+        low_res_size=ref.low_res_size, low_res_fraction=ref.low_res_fraction,
         tensorboard=False)
     if ref.eval_every:
         split = early_stopping.split_holdout(curated, os.path.join(out, "data"),

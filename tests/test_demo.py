@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jest_curate import report
+from jest_curate import formats, report
 from pipelines import demo
 
 TINY = {
@@ -15,7 +15,7 @@ TINY = {
                "shard_size": 128},
     "reference": {"model": "jest-vit-micro-28", "steps": 4, "batch_size": 16,
                   "precision": "fp32", "holdout_fraction": 0.2, "eval_every": 2,
-                  "patience": 1},
+                  "patience": 1, "low_res_size": 14, "low_res_fraction": 0.25},
     "budget_steps": [2, 4],
     "run": {"batch_size": 8, "super_batch_size": 40, "chunks": 4, "steps_per_round": 2,
             "rounds": 2, "learner_model": "jest-vit-micro-28",
@@ -74,6 +74,8 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     assert summary["reference"]["training_flops"] == (stopping["training_flops"]
                                                       + stopping["holdout_flops"])
     assert "learner_minus_reference" in summary
+    ref_ckpt = formats.load_checkpoint(summary["reference"]["checkpoint"])
+    assert ref_ckpt.extra["run"]["low_res_size"] == 14  # Multi-resolution reference.
     assert set(summary["noise_share_by_kind"]["jest"]) == {
         "noisy", "mismatched", "boilerplate", "off_topic", "duplicate"}
     table = open(os.path.join(out, "report", "table.md")).read()
