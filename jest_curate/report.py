@@ -383,6 +383,16 @@ def render_table(summary: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(
                 f"{shares[k]['selected']:.2f} ({shares[k]['candidates']:.2f})" for k in kinds)
                 + " |")
+    classes = [r["per_class_largest"] for r in summary["methods"].values()
+               if r.get("per_class_largest")]
+    if classes:
+        names = sorted(classes[0])  # As summary.json stores them.
+        lines += ["", "| method (per-class zero-shot, largest budget) | " + " | ".join(names)
+                  + " |", "| --- |" + " --- |" * len(names)]
+        for m in _ordered(summary["methods"]):
+            per_class = summary["methods"][m].get("per_class_largest") or {}
+            lines.append(f"| {m} | " + " | ".join(_fmt(per_class.get(c), ".2f")
+                                                   for c in names) + " |")
     lines += ["", "| method | training FLOPs per example | learner scoring FLOPs per "
               "candidate | reference scoring FLOPs per pool example |", "| --- | --- | --- | --- |"]
     for m in _ordered(summary["methods"]):
