@@ -17,7 +17,9 @@ Output layout under OUTPUT (sharded parquet with commit markers, see formats.py)
                            unique, with unique captions naming every attribute.
     eval/classes.json      {"classnames": [...], "templates": ["a photo of a {}.", ...]}.
     ground_truth/noise/    NOISE_SCHEMA, keyed by uid; same shard ids and row order as
-                           pool/. Reports read it; selection never does.
+                           pool/: how each row was made and whether its caption is
+                           noise (duplicates keep their caption's kind). Reports read
+                           it; selection never does.
     demo.json              Summary (parameters, counts, noise kinds, sha256 per shard),
                            written last: the completion marker. A rerun with the same
                            parameters finds it and does nothing.
@@ -47,7 +49,7 @@ __all__ = ["SOURCE", "find_fashion_mnist", "load_fashion_mnist",
 
 SOURCE = "fashion-mnist"
 LICENSE = "MIT"
-FORMAT = "jest-curate/demo-data/v1"
+FORMAT = "jest-curate/demo-data/v2"  # v2: taught prompts, caption_kind.
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 _REPO = Path(__file__).resolve().parent.parent
@@ -170,7 +172,7 @@ def _pool(images, labels, attrs, indices, n: int, noise: float, seed: int):
     for kind in ("wrong_item", "boilerplate", "off_topic"):
         kinds[order[at:at + counts[kind]]] = kind
         at += counts[kind]
-    rows, row_kinds = _Rows(), []
+    rows, row_kinds, caption_kinds = _Rows(), [], []
     for i in range(n_base):
         t = int(indices[i])
         label, a = int(labels[t]), attrs[t]
@@ -179,6 +181,7 @@ def _pool(images, labels, attrs, indices, n: int, noise: float, seed: int):
         caption = captions.pool_caption(r, kinds[i], label, a)
         rows.add(_uid("pool", t), image, fmt, caption, file, t)
         row_kinds.append(kinds[i])
+        caption_kinds.append(kinds[i])
     sources = rng.integers(0, n_base, size=n_dup) if n_dup else np.zeros(0, np.int64)
     for j, s in enumerate(sources):
         t = int(indices[s])
@@ -191,11 +194,14 @@ def _pool(images, labels, attrs, indices, n: int, noise: float, seed: int):
             caption = captions.pool_caption(r, "clean", int(labels[t]), attrs[t])
         rows.add(_uid("pool", t, kind, j), image, fmt, caption, file, t)
         row_kinds.append(kind)
+        caption_kinds.append(caption_kinds[s] if kind == "exact_duplicate" else "clean")
     order = rng.permutation(n)
     pool = rows.table(formats.CORPUS_SCHEMA, order)
     noise_table = pa.table({"uid": pool.column("uid"),
-                            "noisy": pa.array([row_kinds[i] != "clean" for i in order]),
-                            "noise_kind": pa.array([row_kinds[i] for i in order], pa.string())},
+                            "noisy": pa.array([caption_kinds[i] != "clean" for i in order]),
+                            "noise_kind": pa.array([row_kinds[i] for i in order], pa.string()),
+                            "caption_kind": pa.array([caption_kinds[i] for i in order],
+                                                     pa.string())},
                            schema=formats.NOISE_SCHEMA)
     counts["clean"] = n - sum(counts.values())
     return pool, noise_table, counts
@@ -348,6 +354,8 @@ def build_demo_corpus(output: str, *, seed: int = 0, noise: float = 0.5,
                    "eval_zeroshot": zeroshot.num_rows, "eval_retrieval": retrieval.num_rows},
         "noise_kinds": {k: kinds[k] for k in captions.NOISE_KINDS},
         "noise_rate": (pool_size - kinds["clean"]) / pool_size if pool_size else 0.0,
+        "caption_noise_rate": float(np.mean(noise_table.column("noisy").to_pylist()))
+        if pool_size else 0.0,
         "image_formats": {fmt: pool.column("image_format").to_pylist().count(fmt)
                           for fmt in ("jpeg", "png")},
         "shards": shards,

@@ -70,11 +70,15 @@ LABELED_CORPUS_SCHEMA = pa.schema(
     metadata={"jest.schema": "labeled_corpus/v1"})
 
 # Ground truth about the demo pool's captions. Reports read it; selection never does.
+# `noise_kind` says how the row was made (clean, wrong_item, boilerplate, off_topic,
+# exact_duplicate, near_duplicate); `caption_kind` what its caption is (clean, wrong_item,
+# boilerplate, off_topic), so a duplicate with a clean caption is not caption noise.
 NOISE_SCHEMA = pa.schema([
     pa.field("uid", pa.string(), nullable=False),
-    pa.field("noisy", pa.bool_(), nullable=False),
-    pa.field("noise_kind", pa.string(), nullable=False),  # "clean" when not noisy
-], metadata={"jest.schema": "noise/v1"})
+    pa.field("noisy", pa.bool_(), nullable=False),  # The caption does not describe the image.
+    pa.field("noise_kind", pa.string(), nullable=False),
+    pa.field("caption_kind", pa.string(), nullable=False),
+], metadata={"jest.schema": "noise/v2"})
 
 # One row per example per round: what selection decided and why.
 MANIFEST_SCHEMA = pa.schema([
@@ -842,7 +846,7 @@ def load_checkpoint(url: str) -> Checkpoint:
 # Run config: one validated JSON fixes a whole curation + training run
 # --------------------------------------------------------------------------- #
 
-METHODS = ("jest", "independent", "uniform", "easy-reference", "hard-learner")
+METHODS = ("jest", "independent", "uniform", "easy-reference", "hard-learner", "clip-score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -864,12 +868,22 @@ class RunConfig:
     score_image_size: Optional[int] = None  # Cheap scoring: lower resolution...
     score_patch_dropout: float = 0.0  # ...and/or dropped image tokens.
     score_precision: str = "fp32"
+    # Multi-resolution training (FlexiViT / Flexi-JEST): this fraction of every batch is
+    # seen at train_low_res_size px by the learner (score it there: score_image_size).
+    train_low_res_size: Optional[int] = None
+    train_low_res_fraction: float = 0.0
+    # clip-score (DataComp): keep this fraction of the pool by reference image-text
+    # similarity, once, and train uniformly on it (needs filter_ratio 0: S = b).
+    keep_fraction: Optional[float] = None
     learning_rate: float = 1e-3
     warmup_steps: int = 0
     weight_decay: float = 0.1
     train_precision: str = "auto"  # auto | fp32 | bf16
     pool: Optional[str] = None  # Canonical corpus URL the rounds draw from.
     reference_checkpoint: Optional[str] = None  # Trained on the curated set.
+    # FLOPs spent training the reference (early stopping's extra steps and held-out evals
+    # included); None: the reference checkpoint's own training FLOPs.
+    reference_training_flops: Optional[int] = None
     eval_data: Optional[str] = None  # eval/ directory (zero-shot, retrieval).
     eval_every: int = 1  # Rounds between evaluations (the last round is always evaluated).
     eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.
@@ -890,6 +904,19 @@ class RunConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.score_precision not in ("fp32", "bf16"):
             raise ValueError(f"score_precision must be fp32 or bf16, got {self.score_precision}")
+        if (self.train_low_res_size is None) != (self.train_low_res_fraction == 0.0) or not \
+                0.0 <= self.train_low_res_fraction <= 1.0:
+            raise ValueError("multi-resolution training needs both train_low_res_size and "
+                             "train_low_res_fraction in (0, 1]")
+        if (self.method == "clip-score") != (self.keep_fraction is not None):
+            raise ValueError("keep_fraction is the clip-score method's setting: give it for "
+                             "clip-score and only there")
+        if self.method == "clip-score":
+            if not 0.0 < self.keep_fraction <= 1.0:
+                raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+            if self.resolved_super_batch_size != self.batch_size:
+                raise ValueError("clip-score filters the pool once and trains uniformly on "
+                                 "what it keeps: set filter_ratio 0 (super-batch = batch)")
 
     @property
     def resolved_super_batch_size(self) -> int:

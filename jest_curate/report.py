@@ -1,10 +1,18 @@
-"""The demo's report: speedups defined so they cannot flatter JEST, plots and a table.
+"""The study report: budget-matched iso-accuracy speedups with intervals, a FLOP ledger.
 
-Speedup (README "Speedup"): uniform's *target* is the mean over seeds of its last three
-evaluations. A method's examples-to-target is the examples seen at the first evaluation
-after which its seed-mean zero-shot accuracy stays >= the target; "never reached" is
-reported as None. examples_speedup and flops_speedup (scoring included) divide
-uniform's totals by the method's values at that evaluation.
+A study runs each method at several budgets (training steps), each run with its own
+full learning-rate schedule, over paired seeds. From every run's *final* evaluation:
+- accuracy curves over budgets (zero-shot top-1, balanced per-class, retrieval R@1);
+- speedups in examples and FLOPs (all-in, and with the reference amortised) to reach
+  uniform's seed-mean accuracy at its largest budget, interpolated along each method's
+  budget curve (jest_curate/study_stats.py says how), with bootstrap 95% intervals;
+- paired accuracy differences to uniform at every budget, with intervals; "not
+  significant" wherever an interval includes the null value (0, or 1 for a speedup);
+- the FLOP ledger per method and budget (jest_curate/ledger.py), and the share of each
+  noise kind among selected examples.
+
+`render_table` also renders the first committed studies' summaries (results/*), which
+used a mid-run checkpoint rule; those carry no "format" key.
 """
 import os
 from typing import Optional
@@ -13,64 +21,42 @@ import numpy as np
 import pyarrow as pa
 
 from jest_curate import formats
+from jest_curate import ledger as ledger_lib
+from jest_curate import study_stats
 
-__all__ = ["seed_mean_curve", "speedups", "selection_diagnostics", "write_report"]
+__all__ = ["FORMAT", "selection_diagnostics", "final_metrics", "study_summary",
+           "write_report", "render_table"]
 
+FORMAT = "jest-curate/study/v2"
 METRIC = "zeroshot_top1"
+BASELINE = "uniform"
 
 
-def seed_mean_curve(summaries: list) -> dict:
-    """Seed-mean accuracy, examples and FLOPs at each evaluated round of one method."""
-    per_seed = [[r for r in s["rounds"] if r.get("eval")] for s in summaries]
-    n = min(len(p) for p in per_seed)
-    if n == 0:
-        raise ValueError("no evaluations in these runs")
-    curve = {"round": [], "examples": [], "total_flops": [], "train_flops": [], "accuracy": []}
-    for i in range(n):
-        points = [p[i] for p in per_seed]
-        curve["round"].append(points[0]["round"])
-        for key in ("examples_seen", "total_flops", "train_flops"):
-            curve["examples" if key == "examples_seen" else key].append(
-                float(np.mean([pt[key] for pt in points])))
-        curve["accuracy"].append(float(np.mean([pt["eval"][METRIC] for pt in points])))
-    return curve
+# Noise kinds reported separately: (name, ground-truth column, values).
+NOISE_CATEGORIES = (("mismatched", "caption_kind", ("wrong_item",)),
+                    ("boilerplate", "caption_kind", ("boilerplate",)),
+                    ("off_topic", "caption_kind", ("off_topic",)),
+                    ("duplicate", "noise_kind", ("exact_duplicate", "near_duplicate")))
 
 
-def _final_per_seed(summaries: list) -> list:
-    """Each seed's last evaluated accuracy (the spread behind the seed-mean final)."""
-    return [[r for r in s["rounds"] if r.get("eval")][-1]["eval"][METRIC] for s in summaries]
+def _noise_flags(noise_dir: str) -> dict:
+    """{uid: (noisy caption, category flags...)} from the demo's ground truth.
 
-
-def _first_staying_at_or_above(values, target) -> Optional[int]:
-    for i in range(len(values)):
-        if all(v >= target for v in values[i:]):
-            return i
-    return None
-
-
-def speedups(uniform: dict, method: dict) -> dict:
-    """uniform and method are seed-mean curves (see `seed_mean_curve`)."""
-    target = float(np.mean(uniform["accuracy"][-3:]))
-    i = _first_staying_at_or_above(method["accuracy"], target)
-    result = {"target_accuracy": target, "uniform_examples": uniform["examples"][-1],
-              "uniform_flops": uniform["total_flops"][-1], "reached": i is not None}
-    if i is None:
-        result.update(examples_to_target=None, flops_to_target=None, examples_speedup=None,
-                      flops_speedup=None)
-    else:
-        result.update(examples_to_target=method["examples"][i],
-                      flops_to_target=method["total_flops"][i],
-                      examples_speedup=uniform["examples"][-1] / method["examples"][i],
-                      flops_speedup=uniform["total_flops"][-1] / method["total_flops"][i])
-    return result
+    A v1 ground truth (no caption_kind) read its duplicates as noisy whatever their
+    caption; the categories then fall back to noise_kind.
+    """
+    table = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(noise_dir))
+    columns = {c: table.column(c).to_pylist() for c in table.column_names}
+    columns.setdefault("caption_kind", columns["noise_kind"])
+    flags = [columns["noisy"]] + [[v in values for v in columns[col]]
+                                  for _, col, values in NOISE_CATEGORIES]
+    return dict(zip(columns["uid"], zip(*flags)))
 
 
 def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
-    """Per round: noisy share of selected examples and learnability selected vs rejected."""
-    noisy = None
-    if noise_dir:
-        table = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(noise_dir))
-        noisy = dict(zip(table.column("uid").to_pylist(), table.column("noisy").to_pylist()))
+    """Per round: noisy share of selected examples (overall and per noise category, see
+    NOISE_CATEGORIES) and learnability selected vs rejected."""
+    noisy = _noise_flags(noise_dir) if noise_dir else None
     rows = []
     rounds_dir = os.path.join(run_dir, "rounds")
     for name in sorted(os.listdir(rounds_dir)):
@@ -84,9 +70,13 @@ def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
         uids = decided.column("uid").to_pylist()
         row = {"round": int(name[1:])}
         if noisy is not None:
-            flags = np.array([noisy.get(u, False) for u in uids])
-            row["noisy_share_selected"] = float(flags[sel].mean()) if sel.any() else None
-            row["noisy_share_candidates"] = float(flags.mean())
+            none = (False,) * (1 + len(NOISE_CATEGORIES))
+            flags = np.array([noisy.get(u, none) for u in uids], bool).reshape(len(uids), -1)
+            for j, name in enumerate(["noisy"] + [c[0] for c in NOISE_CATEGORIES]):
+                row[f"{name}_share_selected"] = float(flags[sel, j].mean()) if sel.any() \
+                    else None
+                row[f"{name}_share_candidates"] = float(flags[:, j].mean()) if len(uids) \
+                    else None
         lrn = decided.column("learner_loss").to_numpy(zero_copy_only=False).astype(float)
         ref = decided.column("reference_loss").to_numpy(zero_copy_only=False).astype(float)
         learnability = lrn - ref
@@ -97,106 +87,330 @@ def selection_diagnostics(run_dir: str, noise_dir: Optional[str]) -> list:
     return rows
 
 
-def _seed_mean_rows(per_seed: list) -> list:
-    """Per-round diagnostics averaged over seeds (rounds every seed has)."""
-    n = min(len(rows) for rows in per_seed)
-    merged = []
-    for i in range(n):
-        rows = [seed_rows[i] for seed_rows in per_seed]
-        keys = set.intersection(*(set(r) for r in rows))
-        merged.append({k: rows[0][k] if k == "round" else
-                       (None if any(r[k] is None for r in rows)
-                        else float(np.mean([r[k] for r in rows]))) for k in keys})
-    return merged
+# --------------------------------------------------------------------------- #
+# Per run and per study
+# --------------------------------------------------------------------------- #
+
+def final_metrics(run_summary: dict) -> dict:
+    """A run's last evaluation and its ledger at that round."""
+    evaluated = [r for r in run_summary["rounds"] if r.get("eval")]
+    if not evaluated:
+        raise ValueError(f"run {run_summary.get('name')} has no evaluation")
+    last = evaluated[-1]
+    ev = last["eval"]
+    r1 = [ev[k] for k in ("retrieval_image_to_text_r1", "retrieval_text_to_image_r1") if k in ev]
+    entry = last.get("ledger") or ledger_lib.round_ledger(
+        reference_training=0, reference_scoring=run_summary.get("reference_scoring_flops", 0),
+        learner_scoring=last["scoring_flops_cumulative"]
+        - run_summary.get("reference_scoring_flops", 0), selection=0,
+        training=last["train_flops"])
+    return {"flops_per_example": run_summary.get("flops_per_example", {}),
+            "accuracy": ev[METRIC], "balanced": ev.get("zeroshot_balanced_top1"),
+            "per_class": ev.get("zeroshot_top1_per_class"),
+            "retrieval_r1": float(np.mean(r1)) if r1 else None,
+            "examples": last["examples_seen"], "ledger": entry}
 
 
-def _plot(curves: dict, reference_acc: Optional[float], path: str, x_key: str, xlabel: str):
+def _arrays(per_budget: dict) -> dict:
+    """{budget: [final_metrics per seed]} -> arrays [budgets, seeds] and budget axes."""
+    budgets = sorted(per_budget)
+    seeds = {len(per_budget[b]) for b in budgets}
+    if len(seeds) != 1:
+        raise ValueError(f"every budget needs the same seeds, got counts {sorted(seeds)}")
+
+    def grid(fn):
+        return np.array([[fn(m) for m in per_budget[b]] for b in budgets], np.float64)
+    return {"budgets": budgets, "accuracy": grid(lambda m: m["accuracy"]),
+            "examples": grid(lambda m: m["examples"]).mean(axis=1),
+            "all_in": grid(lambda m: m["ledger"]["all_in"]),
+            "amortised": grid(lambda m: m["ledger"]["amortised"])}
+
+
+def _speedups(arrays: dict, idx: np.ndarray) -> dict:
+    """Iso-accuracy speedups of every method for the seeds `idx` (see study_stats)."""
+    base = arrays[BASELINE]
+    target = float(base["accuracy"][-1, idx].mean())
+    out = {"target_accuracy": target}
+    for m, a in arrays.items():
+        crossing = study_stats.iso_accuracy_crossing(a["accuracy"][:, idx].mean(axis=1), target)
+        row = {"status": crossing.status}
+        for key, values, reference in (
+                ("examples", a["examples"], base["examples"][-1]),
+                ("flops_all_in", a["all_in"][:, idx].mean(axis=1), base["all_in"][-1, idx].mean()),
+                ("flops_amortised", a["amortised"][:, idx].mean(axis=1),
+                 base["amortised"][-1, idx].mean())):
+            needed = study_stats.interpolate_at(values, crossing)
+            row[f"{key}_needed"] = needed
+            row[f"{key}_speedup"] = None if needed is None else float(reference / needed)
+        out[m] = row
+    return out
+
+
+_SPEEDUP_KEYS = ("examples_speedup", "flops_all_in_speedup", "flops_amortised_speedup")
+
+
+def study_summary(metrics: dict, *, num_resamples: int = 2000, seed: int = 0) -> dict:
+    """metrics: {method: {budget_steps: [final_metrics per seed]}} (seeds paired).
+
+    Returns the report's numbers: curves, ledgers, speedups and differences with
+    bootstrap intervals (same resampled seeds for every method: paired).
+    """
+    if BASELINE not in metrics:
+        raise ValueError("a study needs the uniform baseline")
+    arrays = {m: _arrays(per_budget) for m, per_budget in metrics.items()}
+    n = arrays[BASELINE]["accuracy"].shape[1]
+    if any(a["accuracy"].shape[1] != n for a in arrays.values()):
+        raise ValueError("every method needs the same seeds (they pair runs)")
+    point = _speedups(arrays, np.arange(n))
+    draws = study_stats.bootstrap_draws(n, num_resamples=num_resamples, seed=seed)
+    replicates = None if draws is None else [_speedups(arrays, idx) for idx in draws]
+    methods = {}
+    for m, a in arrays.items():
+        row = {"budgets": a["budgets"], "examples": a["examples"].tolist(),
+               "accuracy_mean": a["accuracy"].mean(axis=1).tolist(),
+               "accuracy_per_seed": a["accuracy"].tolist(),
+               "accuracy_ci": [list(ci) if ci else None for ci in (
+                   study_stats.bootstrap_interval(lambda idx, r=r: float(r[idx].mean()), n,
+                                                  num_resamples=num_resamples, seed=seed)
+                   for r in a["accuracy"])],
+               "balanced_mean": _mean_of(metrics[m], a["budgets"], "balanced"),
+               "retrieval_r1_mean": _mean_of(metrics[m], a["budgets"], "retrieval_r1"),
+               "flops_all_in": a["all_in"].mean(axis=1).tolist(),
+               "flops_amortised": a["amortised"].mean(axis=1).tolist(),
+               "ledger": [{k: float(np.mean([s["ledger"][k] for s in metrics[m][b]]))
+                           for k in ledger_lib.COMPONENTS + ("all_in", "amortised")}
+                          for b in a["budgets"]],
+               "per_class_largest": _per_class_mean(metrics[m][a["budgets"][-1]]),
+               "flops_per_example": _flops_per_example(metrics[m][a["budgets"][-1]]),
+               **point[m]}
+        for key in _SPEEDUP_KEYS:  # Not reached in a replicate: speedup 0 (see study_stats).
+            ci = None if replicates is None else study_stats.percentile_interval(
+                [r[m][key] or 0.0 for r in replicates])
+            row[f"{key}_ci"] = list(ci) if ci else None
+            row[f"{key}_significant"] = study_stats.excludes(ci, 1.0)
+        base = arrays[BASELINE]
+        row["difference_to_uniform"] = [
+            {"budget": b, **study_stats.paired_difference(
+                a["accuracy"][i], base["accuracy"][base["budgets"].index(b)],
+                num_resamples=num_resamples, seed=seed)}
+            for i, b in enumerate(a["budgets"]) if b in base["budgets"] and m != BASELINE]
+        methods[m] = row
+    return {"format": FORMAT, "num_seeds": n, "target_accuracy": point["target_accuracy"],
+            "methods": methods, "amortised_assumption": ledger_lib.AMORTISED_ASSUMPTION}
+
+
+def _mean_of(per_budget: dict, budgets: list, key: str) -> list:
+    return [None if any(s[key] is None for s in per_budget[b])
+            else float(np.mean([s[key] for s in per_budget[b]])) for b in budgets]
+
+
+def _flops_per_example(runs: list) -> dict:
+    """Measured FLOPs per example (training, learner and reference scoring), seed mean."""
+    keys = set.intersection(*(set(r["flops_per_example"]) for r in runs)) if runs else set()
+    return {k: float(np.mean([r["flops_per_example"][k] for r in runs])) for k in sorted(keys)}
+
+
+def _per_class_mean(runs: list) -> Optional[dict]:
+    if any(r["per_class"] is None for r in runs):
+        return None
+    names = list(runs[0]["per_class"])
+    return {c: (None if any(r["per_class"][c] is None for r in runs)
+                else float(np.mean([r["per_class"][c] for r in runs]))) for c in names}
+
+
+# --------------------------------------------------------------------------- #
+# Plots and the report directory
+# --------------------------------------------------------------------------- #
+
+def _plot(methods: dict, reference_acc: Optional[float], target: float, path: str,
+          x_key: str, xlabel: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, c in curves.items():
-        ax.plot(c[x_key], c["accuracy"], marker="o", label=method)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m, row in methods.items():
+        x, y = np.asarray(row[x_key], float), np.asarray(row["accuracy_mean"], float)
+        line, = ax.plot(x, y, marker="o", label=m)
+        cis = row["accuracy_ci"]
+        if all(ci is not None for ci in cis):
+            lo, hi = np.array(cis, float).T
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.axhline(target, color="black", linestyle=":", label="uniform at its largest budget")
     if reference_acc is not None:
         ax.axhline(reference_acc, color="gray", linestyle="--", label="reference")
+    ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("zero-shot top-1 (seed mean)")
+    ax.set_ylabel("final zero-shot top-1 (seed mean, 95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_diagnostics(diagnostics: dict, path: str) -> None:
+def _plot_noise(noise: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, rows in diagnostics.items():
-        rounds = [r["round"] for r in rows]
-        if rows and "noisy_share_selected" in rows[0]:
-            a.plot(rounds, [r["noisy_share_selected"] for r in rows], marker="o", label=method)
-        if rows and "learnability_selected" in rows[0]:
-            b.plot(rounds, [r["learnability_selected"] for r in rows], marker="o",
-                   label=f"{method} selected")
-            b.plot(rounds, [r["learnability_rejected"] for r in rows], linestyle="--",
-                   label=f"{method} rejected")
-    a.set_title("share of ground-truth noisy captions selected")
-    b.set_title("learnability (L_learner - L_ref) per example")
-    for ax in (a, b):
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    kinds = [c[0] for c in NOISE_CATEGORIES]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(noise))
+    for j, (m, shares) in enumerate(noise.items()):
+        ax.bar(np.arange(len(kinds)) + j * width, [shares[k]["selected"] for k in kinds],
+               width, label=m)
+    if noise:
+        first = next(iter(noise.values()))
+        ax.scatter(np.arange(len(kinds)) + 0.4 - width / 2,
+                   [first[k]["candidates"] for k in kinds], color="black", marker="_", s=400,
+                   label="candidates")
+    ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
+    ax.set_ylabel("share of selected examples")
+    ax.set_title("noise kinds selected (largest budget, seed mean)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(output: str, *, runs: dict, reference_eval: dict, noise_dir: Optional[str],
-                 settings: dict) -> dict:
-    """runs: {method: [run dirs, one per seed]}. Writes OUTPUT/{summary.json, table.md, *.png}."""
+def write_report(output: str, *, runs: dict, reference: dict, noise_dir: Optional[str],
+                 settings: dict, num_resamples: int = 2000) -> dict:
+    """runs: {method: {budget_steps: [run dirs, one per seed, seeds in one order]}}.
+
+    `reference`: {"eval": its eval.json, "training_flops", ...}. Writes OUTPUT/summary.json,
+    table.md, accuracy_vs_examples.png, accuracy_vs_flops.png, noise_kinds.png.
+    """
     os.makedirs(output, exist_ok=True)
-    summaries = {m: [formats.read_json(os.path.join(d, "summary.json")) for d in dirs]
-                 for m, dirs in runs.items()}
-    curves = {m: seed_mean_curve(s) for m, s in summaries.items()}
-    diagnostics = {m: _seed_mean_rows([selection_diagnostics(d, noise_dir) for d in dirs])
-                   for m, dirs in runs.items()}
-    reference_acc = reference_eval.get(METRIC)
-    summary = {"settings": settings, "reference_zero_shot": reference_acc,
-               "final_zero_shot": {m: c["accuracy"][-1] for m, c in curves.items()},
-               "final_zero_shot_per_seed": {m: _final_per_seed(s) for m, s in summaries.items()},
-               "curves": curves, "methods": {}}
-    for m in curves:
-        if m != "uniform" and "uniform" in curves:
-            summary["methods"][m] = speedups(curves["uniform"], curves[m])
-        rows = [r for r in diagnostics[m] if r.get("noisy_share_selected") is not None]
+    metrics = {m: {b: [final_metrics(formats.read_json(os.path.join(d, "summary.json")))
+                       for d in dirs] for b, dirs in per_budget.items()}
+               for m, per_budget in runs.items()}
+    summary = study_summary(metrics, num_resamples=num_resamples)
+    reference_acc = (reference.get("eval") or {}).get(METRIC)
+    noise = {}
+    for m, per_budget in runs.items():
+        largest = per_budget[max(per_budget)]
+        rows = [r for d in largest for r in selection_diagnostics(d, noise_dir)
+                if r.get("noisy_share_selected") is not None] if noise_dir else []
         if rows:
-            summary.setdefault("noisy_share_selected", {})[m] = float(
-                np.mean([r["noisy_share_selected"] for r in rows]))
-    headline = summary["methods"].get("jest", {})
-    summary["examples_speedup"] = headline.get("examples_speedup")
-    summary["flops_speedup"] = headline.get("flops_speedup")
-    best_learner = max(summary["final_zero_shot"].values())
-    summary["learner_beats_reference"] = (reference_acc is not None
-                                          and summary["final_zero_shot"].get("jest", best_learner)
-                                          > reference_acc)
+            noise[m] = {name: {side: float(np.mean([r[f"{name}_share_{side}"] for r in rows]))
+                               for side in ("selected", "candidates")}
+                        for name in ["noisy"] + [c[0] for c in NOISE_CATEGORIES]}
+    summary.update(settings=settings, reference=reference, reference_zero_shot=reference_acc,
+                   noise_share_by_kind=noise)
+    jest = summary["methods"].get("jest")
+    summary["examples_speedup"] = jest["examples_speedup"] if jest else None
+    summary["flops_speedup"] = jest["flops_all_in_speedup"] if jest else None
+    summary["final_zero_shot"] = {m: r["accuracy_mean"][-1] for m, r in summary["methods"].items()}
+    if jest and reference_acc is not None:
+        beats = study_stats.paired_difference(jest["accuracy_per_seed"][-1],
+                                              [reference_acc] * summary["num_seeds"],
+                                              num_resamples=num_resamples)
+        summary["learner_minus_reference"] = beats
+        summary["learner_beats_reference"] = beats["mean"] > 0
+    else:
+        summary["learner_beats_reference"] = None
     formats.write_json_atomic(os.path.join(output, "summary.json"), summary)
-    _plot(curves, reference_acc, os.path.join(output, "accuracy_vs_examples.png"),
-          "examples", "training examples seen")
-    _plot(curves, reference_acc, os.path.join(output, "accuracy_vs_flops.png"),
-          "total_flops", "FLOPs (training + scoring)")
-    _plot_diagnostics(diagnostics, os.path.join(output, "selection.png"))
+    _plot(summary["methods"], reference_acc, summary["target_accuracy"],
+          os.path.join(output, "accuracy_vs_examples.png"), "examples", "training examples")
+    _plot(summary["methods"], reference_acc, summary["target_accuracy"],
+          os.path.join(output, "accuracy_vs_flops.png"), "flops_all_in",
+          "FLOPs, all-in (reference training, scoring, selection, training)")
+    if noise:
+        _plot_noise({m: {k: v for k, v in n.items() if k != "noisy"} for m, n in noise.items()},
+                    os.path.join(output, "noise_kinds.png"))
     with open(os.path.join(output, "table.md"), "w") as f:
         f.write(render_table(summary))
     return summary
 
 
+# --------------------------------------------------------------------------- #
+# Tables
+# --------------------------------------------------------------------------- #
+
 def _fmt(x, spec=".3f"):
     return "never reached" if x is None else format(x, spec)
 
 
+def _ci(ci, spec=".2f") -> str:
+    return "" if not ci else f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def _speedup_cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "not reached"
+    text = ("≥ " if row["status"] == study_stats.AT_MOST else "") + f"{value:.2f}x"
+    text += _ci(row.get(f"{key}_ci"))
+    if row.get(f"{key}_significant") is False:
+        text += " (not significant)"
+    return text
+
+
+def _ordered(methods) -> list:
+    """The baseline first, then by name (summary.json stores keys sorted)."""
+    return sorted(methods, key=lambda m: (m != BASELINE, m))
+
+
 def render_table(summary: dict) -> str:
+    if summary.get("format") != FORMAT:
+        return _render_legacy_table(summary)
+    n = summary["num_seeds"]
+    lines = [f"| method | budgets (steps) | final zero-shot at largest budget (mean, 95% CI, "
+             f"{n} seed{'s' if n > 1 else ''}) | balanced | R@1 | vs uniform | "
+             "examples speedup | FLOPs speedup, all-in | FLOPs speedup, reference amortised |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in _ordered(summary["methods"]):
+        row = summary["methods"][m]
+        diff = (row["difference_to_uniform"] or [{}])[-1] if m != BASELINE else {}
+        vs = "baseline" if m == BASELINE else (
+            f"{diff['mean']:+.3f}{_ci(diff['ci'], '+.3f')}"
+            + (" (not significant)" if diff.get("significant") is False else "")
+            if diff else "no common budget")
+        cells = ["1.00x (baseline)"] * 3 if m == BASELINE else [
+            _speedup_cell(row, k) for k in _SPEEDUP_KEYS]
+        lines.append(
+            f"| {m} | {', '.join(map(str, row['budgets']))} | {row['accuracy_mean'][-1]:.3f}"
+            f"{_ci(row['accuracy_ci'][-1], '.3f')} | {_fmt(row['balanced_mean'][-1])} | "
+            f"{_fmt(row['retrieval_r1_mean'][-1])} | {vs} | " + " | ".join(cells) + " |")
+    lines.append(f"\ntarget: uniform's accuracy at its largest budget, "
+                 f"{summary['target_accuracy']:.3f}; {summary['amortised_assumption']}.")
+    noise = summary.get("noise_share_by_kind") or {}
+    if noise:
+        kinds = ["noisy"] + [c[0] for c in NOISE_CATEGORIES]
+        lines += ["", "| method | " + " | ".join(f"{k} selected (candidates)" for k in kinds)
+                  + " |", "| --- |" + " --- |" * len(kinds)]
+        for m in _ordered(noise):
+            shares = noise[m]
+            lines.append(f"| {m} | " + " | ".join(
+                f"{shares[k]['selected']:.2f} ({shares[k]['candidates']:.2f})" for k in kinds)
+                + " |")
+    classes = [r["per_class_largest"] for r in summary["methods"].values()
+               if r.get("per_class_largest")]
+    if classes:
+        names = sorted(classes[0])  # As summary.json stores them.
+        lines += ["", "| method (per-class zero-shot, largest budget) | " + " | ".join(names)
+                  + " |", "| --- |" + " --- |" * len(names)]
+        for m in _ordered(summary["methods"]):
+            per_class = summary["methods"][m].get("per_class_largest") or {}
+            lines.append(f"| {m} | " + " | ".join(_fmt(per_class.get(c), ".2f")
+                                                   for c in names) + " |")
+    lines += ["", "| method | training FLOPs per example | learner scoring FLOPs per "
+              "candidate | reference scoring FLOPs per pool example |", "| --- | --- | --- | --- |"]
+    for m in _ordered(summary["methods"]):
+        fpe = summary["methods"][m].get("flops_per_example") or {}
+        lines.append(f"| {m} | " + " | ".join(
+            f"{fpe[k] / 1e6:.2f} M" if k in fpe else "-"
+            for k in ("training", "learner_scoring", "reference_scoring")) + " |")
+    ref = summary.get("reference_zero_shot")
+    beats = summary.get("learner_minus_reference")
+    lines.append(f"\nreference model zero-shot: {_fmt(ref)}; JEST learner minus reference: "
+                 + (f"{beats['mean']:+.3f}{_ci(beats['ci'], '+.3f')}"
+                    + (" (not significant)" if beats.get("significant") is False else "")
+                    if beats else "n/a") + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def _render_legacy_table(summary: dict) -> str:
+    """The first committed studies (mid-run checkpoint rule; README's current figures)."""
     seeds = len(summary.get("settings", {}).get("seeds", ())) or 1
     final = "final zero-shot" + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else "")
     lines = [f"| method | {final} | noisy share selected | examples speedup | "

@@ -1,8 +1,10 @@
 """`jest-curate demo`: the whole product on real photos, offline, in minutes.
 
 Builds the Fashion-MNIST demo corpus if missing, trains the reference model on the
-curated set, runs `rounds` for every method on the same seeds and budgets (all methods
-through the same select stage), evaluates along the way and writes OUTPUT/report/.
+curated set, runs `rounds` for every method at every budget (each run with its own full
+learning-rate schedule) and seed, all methods through the same select stage, and writes
+OUTPUT/report/: budget-matched iso-accuracy speedups in examples and FLOPs (all-in and
+reference-amortised) with bootstrap intervals over seeds (jest_curate/report.py).
 `--full` runs the study behind the README's headline (more seeds, longer budgets, more
 methods and levers); it may take hours.
 """
@@ -20,6 +22,7 @@ from jest_curate import hashing
 from jest_curate import report as report_lib
 from pipelines import options
 from pipelines import rounds as rounds_lib
+from training import early_stopping
 from training import train as train_lib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jest_curate" / "configs"
@@ -34,6 +37,17 @@ class ReferenceConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 0
     precision: str = "auto"
+    # Held-out early stopping (training/early_stopping.py): `steps` is then the most it
+    # may train; every `eval_every` steps the held-out SigLIP loss (holdout_fraction of
+    # the curated set, never the test split) is measured, and training stops after
+    # `patience` evaluations without improvement. eval_every 0: train all `steps`.
+    holdout_fraction: float = 0.1
+    eval_every: int = 0
+    patience: int = 3
+    # Multi-resolution training (FlexiViT), so a low-resolution scoring setting
+    # (score_image_size) reads a reference that was trained there too.
+    low_res_size: Optional[int] = None
+    low_res_fraction: float = 0.0
 
 
 _CORPUS_SIZES = ("pool_size", "curated_size", "eval_size", "retrieval_size", "shard_size")
@@ -50,6 +64,9 @@ class DemoConfig:
     data_seed: int = 0
     variants: dict = dataclasses.field(default_factory=dict)  # name -> {method, RunConfig overrides}
     corpus: dict = dataclasses.field(default_factory=dict)  # demo_data.build_demo_corpus sizes
+    # Training budgets in steps: every method runs once per budget (and seed), each run
+    # with its own full schedule. Empty: one budget, the run's rounds x steps_per_round.
+    budget_steps: tuple = ()
 
     @classmethod
     def load(cls, path: str) -> "DemoConfig":
@@ -61,21 +78,39 @@ class DemoConfig:
         return cfg
 
 
-def _reference(cfg: DemoConfig, data: str, out: str) -> tuple:
+def _reference(cfg: DemoConfig, data: str, out: str) -> dict:
+    """Trains (or resumes) the reference; {"checkpoint", "training_flops", "eval", ...}."""
     ref = formats.load_dataclass(ReferenceConfig, cfg.reference, "reference")
-    result = train_lib.train(train_lib.TrainConfig(
-        model=ref.model, output=out, data=formats.join_url(data, "curated"),
+    curated = formats.join_url(data, "curated")
+    train_cfg = train_lib.TrainConfig(
+        model=ref.model, output=out, data=curated,
         data_format="canonical", batch_size=ref.batch_size, total_steps=ref.steps,
         learning_rate=ref.learning_rate, warmup_steps=ref.warmup_steps, precision=ref.precision,
         seed=hashing.derive_seed(cfg.data_seed, "reference_init"), resume=True,
-        tensorboard=False))
+        low_res_size=ref.low_res_size, low_res_fraction=ref.low_res_fraction,
+        tensorboard=False)
+    if ref.eval_every:
+        split = early_stopping.split_holdout(curated, os.path.join(out, "data"),
+                                             fraction=ref.holdout_fraction,
+                                             seed=hashing.derive_seed(cfg.data_seed, "holdout"))
+        record = early_stopping.train_with_early_stopping(
+            dataclasses.replace(train_cfg, data=split["train"]), holdout=split["holdout"],
+            eval_every=ref.eval_every, patience=ref.patience)
+        info = {"checkpoint": record["best_checkpoint"], "training_flops": record["flops"],
+                "early_stopping": {k: record[k] for k in (
+                    "best_step", "best_holdout_loss", "stopped_at_step", "stopped_early",
+                    "history", "training_flops", "holdout_flops")},
+                "holdout_split": split["counts"]}
+    else:
+        result = train_lib.train(train_cfg)
+        info = {"checkpoint": result.checkpoint, "training_flops": result.flops}
     eval_url = os.path.join(out, "eval.json")
     if not os.path.exists(eval_url):
         eval_data = rounds_lib.eval_data(formats.join_url(data, "eval"),
                                          cfg.run.get("eval_max_examples"))
-        formats.write_json_atomic(eval_url, rounds_lib.evaluate_checkpoint(result.checkpoint,
+        formats.write_json_atomic(eval_url, rounds_lib.evaluate_checkpoint(info["checkpoint"],
                                                                            eval_data))
-    return result, formats.read_json(eval_url)
+    return {**info, "eval": formats.read_json(eval_url)}
 
 
 def parse_part(text: str) -> tuple:
@@ -99,32 +134,52 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
     cfg = DemoConfig.load(config_path)
     data = os.path.join(output, "data")
     demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
-    ref_result, ref_eval = _reference(cfg, data, os.path.join(output, "reference"))
-    log.info("reference: %s", ref_eval)
+    reference = _reference(cfg, data, os.path.join(output, "reference"))
+    log.info("reference: %s", reference["eval"])
     runs = {}
-    variants = {m: {"method": m} for m in cfg.methods}
-    variants.update(cfg.variants)
-    plan = [(name, variant, seed) for name, variant in variants.items() for seed in cfg.seeds]
-    for i, (name, variant, seed) in enumerate(plan):
+    for i, (name, steps, seed, fields) in enumerate(plan_runs(cfg)):
+        run_dir = os.path.join(output, "runs", f"{name}-b{steps}-s{seed}")
+        runs.setdefault(name, {}).setdefault(steps, []).append(run_dir)
         if part is not None and i % part[1] != part[0]:
             continue
-        overrides = {k: v for k, v in variant.items() if k != "method"}
         run_cfg = formats.RunConfig(**{
-            **cfg.run, **overrides, "name": f"{name}-s{seed}", "seed": seed,
-            "method": variant["method"], "pool": formats.join_url(data, "pool"),
-            "reference_checkpoint": ref_result.checkpoint,
+            **fields, "name": f"{name}-b{steps}-s{seed}", "seed": seed,
+            "pool": formats.join_url(data, "pool"),
+            "reference_checkpoint": reference["checkpoint"],
+            "reference_training_flops": reference["training_flops"],
             "eval_data": formats.join_url(data, "eval")})
-        run_dir = os.path.join(output, "runs", f"{name}-s{seed}")
         log.info("running %s", run_cfg.name)
         rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
                               reference_embeddings=os.path.join(output, "reference_embeddings"))
-        runs.setdefault(name, []).append(run_dir)
     if part is not None:
         return None
     return report_lib.write_report(
-        os.path.join(output, "report"), runs=runs, reference_eval=ref_eval,
+        os.path.join(output, "report"), runs=runs,
+        reference=reference,
         noise_dir=os.path.join(data, "ground_truth", "noise"),
         settings={"config": os.path.basename(config_path), **dataclasses.asdict(cfg)})
+
+
+def plan_runs(cfg: DemoConfig) -> list:
+    """[(variant name, budget steps, seed, RunConfig fields)] in config order.
+
+    Each budget is its own run (rounds = steps / steps_per_round), so its learning-rate
+    schedule spans exactly that budget.
+    """
+    variants = {m: {"method": m} for m in cfg.methods}
+    variants.update(cfg.variants)
+    plan = []
+    for name, variant in variants.items():
+        fields = {**cfg.run, **variant}
+        k = fields["steps_per_round"]
+        budgets = cfg.budget_steps or (fields["rounds"] * k,)
+        for steps in budgets:
+            if steps % k:
+                raise ValueError(f"budget of {steps} steps is not a whole number of rounds of "
+                                 f"{k} steps (variant {name})")
+            plan += [(name, steps, seed, {**fields, "rounds": steps // k})
+                     for seed in cfg.seeds]
+    return plan
 
 
 def run(argv=None) -> int:

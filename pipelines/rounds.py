@@ -13,6 +13,11 @@ Semantics (also in the README):
   them and how many steps stale it was. The learner's step-0 checkpoint scores round 0.
 - Every method, uniform included, runs the same select stage on the same slices, so data
   consumption and code paths are equal; uniform simply needs no learner scoring.
+- clip-score (DataComp) first keeps the keep_fraction of the pool with the highest
+  reference image-text similarity (DIR/clip_score/), then draws its passes from that
+  kept set with S = b and selects uniformly: one reference pass, no learner scoring.
+- Multi-resolution training (train_low_res_size/fraction) reaches the learner's trainer;
+  with score_image_size at the low setting this is Flexi-JEST.
 - The trainer continues one run across rounds (schedule over rounds·K steps, optimizer
   state kept): round r trains steps r·K .. (r+1)·K on round r's curated shards.
 - Each round has its own directory with a marker per stage; a killed run resumes at the
@@ -31,8 +36,12 @@ import logging
 import posixpath
 from typing import Optional
 
+import numpy as np
+
+from jest_core import filtering
 from jest_curate import formats
 from jest_curate import hashing
+from jest_curate import ledger as ledger_lib
 from pipelines import embed as embed_stage
 from pipelines import options
 from pipelines import select as select_stage
@@ -41,7 +50,8 @@ from training import main as trainer_cli
 from training import model as model_lib
 from training import train as train_lib
 
-__all__ = ["plan_slices", "scoring_key", "check_selection", "run_rounds", "run"]
+__all__ = ["plan_slices", "scoring_key", "check_selection", "select_method", "clip_score_keep",
+           "run_rounds", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +146,43 @@ def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
         total_steps=cfg.rounds * cfg.steps_per_round, stop_at_step=stop,
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, seed=hashing.derive_seed(cfg.seed, "learner_init"),
-        precision=cfg.train_precision, resume=True, tensorboard=False)
+        precision=cfg.train_precision, low_res_size=cfg.train_low_res_size,
+        low_res_fraction=cfg.train_low_res_fraction, resume=True, tensorboard=False)
+
+
+def select_method(method: str) -> str:
+    """The select stage's method for a run's: clip-score trains uniformly on its kept set."""
+    return "uniform" if method == "clip-score" else method
+
+
+def clip_score_keep(cfg: formats.RunConfig, reference_embeddings: str, output: str) -> dict:
+    """DataComp's CLIP-score filter over the whole pool, once per run (resumable).
+
+    Keeps the keep_fraction of the reference-embedded pool with the highest image-text
+    cosine similarity (ties by uid); writes OUTPUT/clip_score/{kept.parquet, stats.json}
+    and returns the stats with the kept uids (sorted) under "uids".
+    """
+    root = formats.join_url(output, "clip_score")
+    stats_url, kept_url = (formats.join_url(root, n) for n in ("stats.json", "kept.parquet"))
+    if not formats.exists(stats_url):
+        digest = formats.read_model_card(reference_embeddings).model_digest
+        uids, sims, dim = [], [], 0
+        for shard in formats.list_shards(reference_embeddings):
+            emb = formats.read_embeddings_shard(shard, expect_model_digest=digest)
+            uids += emb.uids
+            sims.append(filtering.clip_scores(image=emb.image, text=emb.text))
+            dim = emb.image.shape[1]
+        sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+        kept = filtering.top_fraction(sims, fraction=cfg.keep_fraction, keys=uids)
+        formats.write_uids(kept_url, sorted(uids[i] for i in kept))
+        formats.write_json_atomic(stats_url, {
+            "pool": len(uids), "kept": len(kept), "keep_fraction": cfg.keep_fraction,
+            "threshold": float(sims[kept].min()) if len(kept) else None,
+            "mean_similarity_kept": float(sims[kept].mean()) if len(kept) else None,
+            "mean_similarity_pool": float(sims.mean()) if len(sims) else None,
+            "flops": filtering.clip_score_flops(len(uids), dim)})
+    stats = formats.read_json(stats_url)
+    return {**stats, "uids": formats.read_uids(kept_url).to_pylist()}
 
 
 @functools.lru_cache(maxsize=2)
@@ -179,7 +225,8 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
         formats.write_uids(slice_url, slice_uids)
 
     scored_by, learner_dir, scoring = None, None, {"flops": 0, "examples": 0}
-    needs = select_stage.needed_embeddings(cfg.method)
+    method = select_method(cfg.method)
+    needs = select_stage.needed_embeddings(method)
     if "learner" in needs:
         r0 = r - r % cfg.rescore_every
         learner_dir = paths.learner_embeddings(r0)
@@ -203,7 +250,7 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
     if not formats.exists(formats.join_url(selection, "_SUCCESS")):
         select_stage.run_select(select_stage.SelectConfig(
             corpus=cfg.pool, output=selection, batch_size=b,
-            super_batch_size=cfg.resolved_super_batch_size, method=cfg.method,
+            super_batch_size=cfg.resolved_super_batch_size, method=method,
             chunks=cfg.chunks, temperature=cfg.temperature, seed=cfg.seed, round=r,
             uids=slice_url,
             reference=paths.reference_embeddings if "reference" in needs else None,
@@ -219,6 +266,7 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
               "scored_examples": scoring["examples"], "step": trained.step,
               "checkpoint": trained.checkpoint, "examples_seen": trained.examples_seen,
               "train_flops": trained.flops,
+              "selection_flops": select_stats.get("selection_flops", 0),
               "selection": {k: select_stats.get(k) for k in (
                   "selected", "rejected", "carried", "dead_lettered",
                   "mean_batch_score_selected", "mean_batch_score_random")}}
@@ -247,7 +295,7 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     paths = _Paths(output, formats.join_url(
         reference_embeddings or formats.join_url(output, "reference_embeddings"),
         scoring_key(cfg)))
-    reference_flops = 0
+    reference_flops, per_example = 0, {}
     if cfg.method != "hard-learner":
         if cfg.reference_checkpoint is None:
             raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
@@ -257,8 +305,13 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
                      overwrite=False)
         if cfg.method != "uniform":  # Uniform consults no scores.
             reference_flops = ref["flops_per_example"] * ref["embedded"]
+            per_example["reference_scoring"] = ref["flops_per_example"]
     uids = pool_uids(None if cfg.method == "hard-learner" else paths.reference_embeddings,
                      cfg.pool)
+    filter_flops = 0
+    if cfg.method == "clip-score":  # The pool is what the filter keeps.
+        kept = clip_score_keep(cfg, paths.reference_embeddings, output)
+        uids, filter_flops = kept["uids"], kept["flops"]
     slices = plan_slices(uids, seed=hashing.derive_seed(cfg.seed, "passes"),
                          super_batch_size=cfg.resolved_super_batch_size,
                          steps_per_round=cfg.steps_per_round, rounds=cfg.rounds)
@@ -266,16 +319,30 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
         trainer_cli.train_with_processes(  # Step 0 scores round 0.
             _train_config(cfg, paths, None, 0), cfg.train_processes)
     records = [_run_round(cfg, paths, r, slices, beam_args) for r in range(cfg.rounds)]
+    # Methods that consult the reference pay for training it (jest_curate/ledger.py).
+    reference_training = ledger_lib.reference_training_flops(
+        cfg.reference_checkpoint, cfg.reference_training_flops) if reference_flops else 0
+    scored = [rec for rec in records if rec["scored_examples"]]
+    if scored:  # Measured by the embed stage at the run's scoring settings.
+        per_example["learner_scoring"] = scored[0]["scoring_flops"] / scored[0]["scored_examples"]
+    if records[-1]["examples_seen"]:  # Mean over every step (mixed resolutions included).
+        per_example["training"] = records[-1]["train_flops"] / records[-1]["examples_seen"]
     summary = {"name": cfg.name, "method": cfg.method, "seed": cfg.seed,
+               "flops_per_example": per_example,
+               "reference_training_flops": reference_training,
                "reference_scoring_flops": reference_flops,
+               "pool_examples": len(uids), "filter_flops": filter_flops,
                "passes": records[-1]["pass"] + 1, "rounds": []}
-    scoring = reference_flops
-    for rec in records:
+    ledgers = ledger_lib.run_ledger(records, reference_training=reference_training,
+                                    reference_scoring=reference_flops, filter_flops=filter_flops)
+    scoring = reference_flops + filter_flops
+    for rec, ledger in zip(records, ledgers):
         scoring += rec["scoring_flops"]
         summary["rounds"].append({
             "round": rec["round"], "examples_seen": rec["examples_seen"],
             "train_flops": rec["train_flops"], "scoring_flops_cumulative": scoring,
-            "total_flops": rec["train_flops"] + scoring,
+            "total_flops": ledger["all_in"], "total_flops_amortised": ledger["amortised"],
+            "ledger": ledger,
             "staleness_steps": (rec["scored_by"] or {}).get("staleness_steps"),
             "eval": rec.get("eval")})
     formats.write_json_atomic(formats.join_url(output, "summary.json"), summary)

@@ -41,6 +41,7 @@ from jest_core import scores
 from jest_curate import formats
 from jest_curate import hashing
 from pipelines import faults, options
+from training.flops import StepFlops
 
 __all__ = ["SelectConfig", "JoinEmbeddings", "AssignSuperBatches", "SelectSubBatches",
            "WriteCuratedShards", "WriteManifest", "CurateRound", "run"]
@@ -300,6 +301,8 @@ class _SelectSuperBatch(beam.DoFn):
     def setup(self):
         self._cards = {role: _load_card(getattr(self._cfg, role)) for role in ("reference",
                                                                                 "learner")}
+        # Selection FLOPs depend on shapes only: measured once per shape, then reused.
+        self._flops = StepFlops()
 
     def process(self, element):
         sb, parts = element
@@ -316,10 +319,12 @@ class _SelectSuperBatch(beam.DoFn):
                                       num_examples=cfg.super_batch_size)
         generator = torch.Generator().manual_seed(
             hashing.derive_seed(cfg.seed, "select", cfg.round, int(sb)))
-        picked = sampler.select(
+        shapes = tuple(tuple(p.image.shape) + tuple(p.text.shape) for p in pairs.values())
+        picked, flops = self._flops.run(shapes, lambda: sampler.select(
             inputs, method=cfg.method, batch_size=cfg.batch_size, num_chunks=cfg.chunks,
             temperature=cfg.temperature, generator=generator,
-            compute_dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32)
+            compute_dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32))
+        yield beam.pvalue.TaggedOutput("batch_scores", {"selection_flops": flops})
         yield from self._manifest(sb, rows, picked)
         yield from self._batch_scores(inputs, picked, generator)
         beam.metrics.Metrics.counter(_NAMESPACE, "selected").inc(cfg.batch_size)
@@ -548,8 +553,10 @@ class WriteManifest(beam.PTransform):
 # ----------------------------------------------------------------------------- commit
 
 def _merge_reports(reports) -> dict:
-    merged = {"sizes": {}, "reasons": {}, "manifest_rows": {}, "batch_scores": []}
+    merged = {"sizes": {}, "reasons": {}, "manifest_rows": {}, "batch_scores": [],
+              "selection_flops": 0}
     for r in reports:
+        merged["selection_flops"] += r.get("selection_flops", 0)
         merged["sizes"].update(r.get("sizes", {}))
         merged["manifest_rows"].update(r.get("manifest_rows", {}))
         for k, v in r.get("reasons", {}).items():
@@ -580,6 +587,8 @@ class _Commit(beam.DoFn):
             "method": cfg.method, "round": cfg.round, "seed": cfg.seed,
             "shuffle_round": cfg.permutation_round, "chunks": cfg.chunks,
             "temperature": cfg.temperature,
+            # Matmul FLOPs of selection (measured with FlopCounterMode, per shape).
+            "selection_flops": report["selection_flops"],
         }
         if report["batch_scores"]:
             sel, rnd = np.array(sorted(report["batch_scores"])).T

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from jest_curate import formats, report
 from pipelines import demo
 
 TINY = {
@@ -12,8 +13,10 @@ TINY = {
     "noise": 0.5,
     "corpus": {"pool_size": 400, "curated_size": 96, "eval_size": 64, "retrieval_size": 32,
                "shard_size": 128},
-    "reference": {"model": "jest-vit-micro-28", "steps": 3, "batch_size": 16,
-                  "precision": "fp32"},
+    "reference": {"model": "jest-vit-micro-28", "steps": 4, "batch_size": 16,
+                  "precision": "fp32", "holdout_fraction": 0.2, "eval_every": 2,
+                  "patience": 1, "low_res_size": 14, "low_res_fraction": 0.25},
+    "budget_steps": [2, 4],
     "run": {"batch_size": 8, "super_batch_size": 40, "chunks": 4, "steps_per_round": 2,
             "rounds": 2, "learner_model": "jest-vit-micro-28",
             "reference_model": "jest-vit-micro-28", "train_precision": "fp32",
@@ -39,11 +42,13 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     argv = ["--config", str(config), "--output", out, "--runner=FnApiRunner"]
 
     assert demo.run(argv + ["--part", "0/2"]) == 0
-    assert list(_run_summaries(out)) == ["uniform-s0"]
+    assert list(_run_summaries(out)) == ["jest-b2-s0", "uniform-b2-s0"]
     assert not os.path.exists(os.path.join(out, "report"))
     assert demo.run(argv + ["--part", "1/2"]) == 0
     done = _run_summaries(out)
-    assert list(done) == ["jest-s0", "uniform-s0"]
+    assert list(done) == ["jest-b2-s0", "jest-b4-s0", "uniform-b2-s0", "uniform-b4-s0"]
+    # Each budget is its own run with its own schedule: 1 and 2 rounds.
+    assert [len(done[f"uniform-b{b}-s0"]) for b in (2, 4)] == [1, 2]
 
     capsys.readouterr()
     assert demo.run(argv) == 0
@@ -52,6 +57,31 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     summary = json.load(open(os.path.join(out, "report", "summary.json")))
     assert last["examples_speedup"] == summary["examples_speedup"]
     assert set(summary["final_zero_shot"]) == {"uniform", "jest"}
+    assert summary["format"] == "jest-curate/study/v2"
+    jest = summary["methods"]["jest"]
+    assert jest["budgets"] == [2, 4] and jest["examples"] == [16, 32]
+    assert jest["status"] in ("interpolated", "at_most_smallest_budget", "not_reached")
+    assert jest["examples_speedup_ci"] is None  # One seed: no interval.
+    ledger = jest["ledger"][-1]
+    assert ledger["reference_training"] == summary["reference"]["training_flops"] > 0
+    assert ledger["all_in"] == sum(ledger[k] for k in (
+        "reference_training", "reference_scoring", "learner_scoring", "selection", "training"))
+    assert summary["methods"]["uniform"]["ledger"][-1]["reference_training"] == 0
+    # The reference stopped on held-out loss; its ledger cost is everything it spent.
+    stopping = summary["reference"]["early_stopping"]
+    assert stopping["best_step"] in (2, 4) and summary["reference"]["checkpoint"].endswith(
+        f"step_{stopping['best_step']:08d}.pt")
+    assert summary["reference"]["training_flops"] == (stopping["training_flops"]
+                                                      + stopping["holdout_flops"])
+    assert "learner_minus_reference" in summary
+    ref_ckpt = formats.load_checkpoint(summary["reference"]["checkpoint"])
+    assert ref_ckpt.extra["run"]["low_res_size"] == 14  # Multi-resolution reference.
+    assert set(summary["noise_share_by_kind"]["jest"]) == {
+        "noisy", "mismatched", "boilerplate", "off_topic", "duplicate"}
+    table = open(os.path.join(out, "report", "table.md")).read()
+    assert table == report.render_table(summary) and "reference amortised" in table
+    for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "noise_kinds.png"):
+        assert os.path.getsize(os.path.join(out, "report", png)) > 1000
     assert summary["settings"]["corpus"]["pool_size"] == 400
     demo_json = json.load(open(os.path.join(out, "data", "demo.json")))
     assert demo_json["counts"]["pool"] == 400
@@ -68,3 +98,10 @@ def test_unknown_corpus_key_is_refused(tmp_path):
     config.write_text(json.dumps({**TINY, "corpus": {"pool": 10}}))
     with pytest.raises(ValueError, match="corpus keys"):
         demo.DemoConfig.load(str(config))
+
+
+def test_budgets_must_be_whole_rounds(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TINY, "budget_steps": [3]}))
+    with pytest.raises(ValueError, match="whole number of rounds"):
+        demo.plan_runs(demo.DemoConfig.load(str(config)))

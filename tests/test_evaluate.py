@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from jest_curate import demo_data, formats
+from jest_curate import captions, demo_data, formats
 from training import evaluate
 from training import main as main_lib
 from training import train as train_lib
@@ -43,8 +43,21 @@ def test_zero_shot_accuracy_matches_hand_computed_answer():
         _lookup(images), _lookup(text), images=list(images), labels=labels,
         classnames=["cat", "dog", "owl"], templates=["a {}", "the {}"], ks=(1, 2, 5),
         batch_size=2)
-    assert dict(evaluator.run()) == {"zeroshot_top1": 0.6, "zeroshot_top2": 1.0,
-                                     "zeroshot_num_examples": 5}  # top5 > #classes: skipped.
+    # Per class: cat i0 right, i4 wrong; dog i1 right, i3 wrong; owl i2 right.
+    assert dict(evaluator.run()) == {
+        "zeroshot_top1": 0.6, "zeroshot_top2": 1.0,  # top5 > #classes: skipped.
+        "zeroshot_top1_per_class": {"cat": 0.5, "dog": 0.5, "owl": 1.0},
+        "zeroshot_balanced_top1": pytest.approx(2 / 3), "zeroshot_num_examples": 5}
+
+
+def test_per_class_accuracy_marks_absent_classes():
+    text = {"a": _unit(1, 0), "b": _unit(0, 1), "c": _unit(-1, 0)}
+    zs = evaluate.ZeroShotEvaluator(_lookup({0: _unit(1, .1), 1: _unit(.1, 1)}), _lookup(text),
+                                    images=[0, 1], labels=[0, 0], classnames=list("abc"),
+                                    templates=["{}"])
+    got = dict(zs.run())
+    assert got["zeroshot_top1_per_class"] == {"a": 0.5, "b": None, "c": None}
+    assert got["zeroshot_balanced_top1"] == 0.5
 
 
 def test_prompt_ensemble_averages_templates():
@@ -151,6 +164,31 @@ def demo(tmp_path_factory):
     demo_data.build_demo_corpus(str(root), seed=0, noise=0.5, pool_size=64,
                                 curated_size=4000, eval_size=1000, retrieval_size=300)
     return root
+
+
+def test_untaught_tokens_finds_words_the_captions_never_use():
+    gaps = evaluate.untaught_tokens(["a sandal", "sandals", "{} online"],
+                                    ["Strappy sandals, black", "buy them online"])
+    assert gaps == {"a sandal": ["a</w>", "sandal</w>"]}
+
+
+def test_every_class_name_and_prompt_token_occurs_in_clean_curated_captions(demo):
+    """The demo's zero-shot prompts only use tokens its clean curated captions teach."""
+    curated = [c for shard in formats.list_shards(str(demo / "curated"))
+               for c in formats.read_shard(shard, columns=["caption"]).column(
+                   "caption").to_pylist()]
+    classes = formats.read_json(str(demo / "eval" / "classes.json"))
+    assert classes["classnames"] == list(captions.CLASSNAMES)
+    assert evaluate.untaught_tokens(classes["classnames"], curated) == {}
+    assert evaluate.untaught_tokens(classes["templates"], curated) == {}
+    prompts = [t.format(c) for c in classes["classnames"] for t in classes["templates"]]
+    assert evaluate.untaught_tokens(prompts, curated) == {}
+    # The first studies' prompts did use untaught tokens: the check can fail.
+    legacy = evaluate.untaught_tokens(
+        list(captions.LEGACY_CLASSNAMES) + list(captions.LEGACY_ZEROSHOT_TEMPLATES), curated)
+    assert legacy["sandal"] == ["sandal</w>"] and legacy["sneaker"] == ["sneaker</w>"]
+    assert legacy["ankle boot"] == ["boot</w>"]
+    assert "photo</w>" in legacy["a photo of a {}."]
 
 
 def test_zero_shot_after_brief_training_on_clean_pairs_beats_chance(demo, tmp_path, capsys):

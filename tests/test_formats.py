@@ -65,7 +65,8 @@ def test_corpus_round_trip_and_determinism(tmp_path):
 @pytest.mark.parametrize("schema,rows", [
     (formats.LABELED_CORPUS_SCHEMA, None),
     (formats.NOISE_SCHEMA, {"uid": ["a", "b"], "noisy": [True, False],
-                            "noise_kind": ["wrong_item", "clean"]}),
+                            "noise_kind": ["wrong_item", "exact_duplicate"],
+                            "caption_kind": ["wrong_item", "clean"]}),
     (formats.MANIFEST_SCHEMA, {
         "uid": ["a", "b"], "round": [0, 0], "super_batch": [3, None],
         "selected": [True, False], "reason": ["selected", "dead_letter:missing_learner"],

@@ -133,13 +133,13 @@ def test_config_change_is_refused_and_report_is_written(setup, finished):
     rounds.run_rounds(dataclasses.replace(cfg, method="uniform"), uniform_out, beam_args=BEAM,
                       reference_embeddings=str(root / "ref_emb"))
     summary = report.write_report(
-        str(root / "report"), runs={"uniform": [uniform_out], "jest": [out]},
-        reference_eval={"zeroshot_top1": 0.1},
+        str(root / "report"), runs={"uniform": {4: [uniform_out]}, "jest": {4: [out]}},
+        reference={"eval": {"zeroshot_top1": 0.1}},
         noise_dir=os.path.join(data, "ground_truth", "noise"), settings={})
     for key in ("examples_speedup", "flops_speedup", "final_zero_shot", "reference_zero_shot",
                 "learner_beats_reference"):
         assert key in summary
-    for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "selection.png"):
+    for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "noise_kinds.png"):
         assert os.path.getsize(os.path.join(str(root / "report"), png)) > 1000
     assert "uniform" in open(os.path.join(str(root / "report"), "table.md")).read()
 
@@ -180,6 +180,107 @@ def test_a_round_missing_reference_embeddings_stops_the_run():
     learner_rejects = {"selected": 64, "dead_lettered": 2,
                        "dead_letters_by_reason": {"missing_learner_embedding": 2}}
     assert rounds.check_selection(learner_rejects, 0, "sel") is learner_rejects
+
+
+def test_clip_score_keeps_the_top_fraction_once_and_trains_uniformly_on_it(setup, finished):
+    root, _, cfg = setup
+    clip = dataclasses.replace(cfg, name="tiny-clip", method="clip-score", keep_fraction=0.5,
+                               super_batch_size=cfg.batch_size)
+    out = str(root / "run_clip")
+    summary = rounds.run_rounds(clip, out, beam_args=BEAM,
+                                reference_embeddings=str(root / "ref_emb"))
+    ref_dir = os.path.join(str(root / "ref_emb"), rounds.scoring_key(clip))
+    uids, sims = [], []
+    for shard in formats.list_shards(ref_dir):
+        emb = formats.read_embeddings_shard(shard)
+        uids += emb.uids
+        sims += (emb.image.astype("float32") * emb.text.astype("float32")).sum(1).tolist()
+    stats = formats.read_json(os.path.join(out, "clip_score", "stats.json"))
+    kept = set(formats.read_uids(os.path.join(out, "clip_score", "kept.parquet")).to_pylist())
+    assert stats["pool"] == len(uids) and stats["kept"] == len(kept) == round(0.5 * len(uids))
+    dropped = [s for u, s in zip(uids, sims) if u not in kept]
+    assert min(s for u, s in zip(uids, sims) if u in kept) >= max(dropped) - 1e-3
+    assert stats["flops"] == 2 * len(uids) * 64
+    for r in range(clip.rounds):
+        sel = os.path.join(out, "rounds", f"r{r:04d}", "selection")
+        sel_stats = formats.read_json(os.path.join(sel, "stats.json"))
+        assert sel_stats["method"] == "uniform" and sel_stats["rejected"] == 0
+        manifest = formats.read_shard(formats.list_shards(os.path.join(sel, "manifest"))[0])
+        chosen = [u for u, s in zip(manifest.column("uid").to_pylist(),
+                                    manifest.column("selected").to_pylist()) if s]
+        assert chosen and set(chosen) <= kept
+        assert not os.path.exists(os.path.join(out, "rounds", f"r{r:04d}", "scored_by.json"))
+    assert summary["pool_examples"] == len(kept) and summary["filter_flops"] == stats["flops"]
+    assert summary["reference_scoring_flops"] > 0
+    last = summary["rounds"][-1]
+    assert last["ledger"]["learner_scoring"] == 0
+    assert last["ledger"]["selection"] == stats["flops"]  # Uniform selection: no matmuls.
+    assert last["total_flops"] == (last["train_flops"] + summary["reference_scoring_flops"]
+                                   + stats["flops"] + summary["reference_training_flops"])
+    with pytest.raises(ValueError, match="filter_ratio 0"):
+        dataclasses.replace(clip, super_batch_size=40)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        dataclasses.replace(cfg, keep_fraction=0.3)
+
+
+def test_multi_resolution_training_reaches_the_learner(setup, finished):
+    root, _, cfg = setup
+    flexi = dataclasses.replace(cfg, name="tiny-flexi", method="uniform", rounds=1,
+                                train_low_res_size=14, train_low_res_fraction=0.5)
+    train_cfg = rounds._train_config(flexi, rounds._Paths(str(root / "x"), "ref"), "d", 1)
+    assert (train_cfg.low_res_size, train_cfg.low_res_fraction) == (14, 0.5)
+    out = str(root / "run_flexi")
+    rounds.run_rounds(flexi, out, beam_args=BEAM, reference_embeddings=str(root / "ref_emb"))
+    step = flexi.steps_per_round
+    ckpt = formats.load_checkpoint(os.path.join(out, "learner", "checkpoints",
+                                                f"step_{step:08d}.pt"))
+    assert ckpt.extra["run"]["low_res_size"] == 14
+    assert ckpt.extra["run"]["low_res_fraction"] == 0.5
+    full = formats.load_checkpoint(os.path.join(finished[0], "learner", "checkpoints",
+                                                f"step_{step:08d}.pt"))
+    # Half of every batch at 14 px costs less per example than all of it at 28 px.
+    assert ckpt.extra["flops_per_example_train"] < full.extra["flops_per_example_train"]
+    summary = formats.read_json(os.path.join(out, "summary.json"))
+    assert summary["flops_per_example"]["training"] < finished[1]["flops_per_example"][
+        "training"]
+    with pytest.raises(ValueError, match="multi-resolution"):
+        dataclasses.replace(cfg, train_low_res_size=14)
+
+
+def test_the_ledger_adds_up_every_cost_of_the_run(setup, finished):
+    root, _, cfg = setup
+    out, summary = finished
+    ref = formats.load_checkpoint(cfg.reference_checkpoint)
+    assert summary["reference_training_flops"] == ref.extra["flops"] > 0
+    learner = selection = 0
+    for r, entry in enumerate(summary["rounds"]):
+        rec = formats.read_json(os.path.join(out, "rounds", f"r{r:04d}", "round.json"))
+        stats = formats.read_json(os.path.join(out, "rounds", f"r{r:04d}", "selection",
+                                               "stats.json"))
+        learner += rec["scoring_flops"]
+        selection += stats["selection_flops"]
+        ledger = entry["ledger"]
+        assert ledger == {
+            "reference_training": ref.extra["flops"],
+            "reference_scoring": summary["reference_scoring_flops"],
+            "learner_scoring": learner, "selection": selection,
+            "training": rec["train_flops"],
+            "all_in": ref.extra["flops"] + summary["reference_scoring_flops"] + learner
+            + selection + rec["train_flops"],
+            "amortised": summary["reference_scoring_flops"] + learner + selection
+            + rec["train_flops"]}
+        assert entry["total_flops"] == ledger["all_in"]
+        assert entry["total_flops_amortised"] == ledger["amortised"]
+    assert selection > 0 and learner > 0
+    fpe = summary["flops_per_example"]
+    assert fpe["training"] == summary["rounds"][-1]["train_flops"] / 32
+    assert fpe["learner_scoring"] > 0 and fpe["reference_scoring"] > 0
+    # A recorded reference cost (e.g. early stopping's) replaces the checkpoint's.
+    recorded = dataclasses.replace(cfg, name="tiny-recorded", rounds=1,
+                                   reference_training_flops=123)
+    again = rounds.run_rounds(recorded, str(root / "run_recorded"), beam_args=BEAM,
+                              reference_embeddings=str(root / "ref_emb"))
+    assert again["rounds"][0]["ledger"]["reference_training"] == 123
 
 
 def test_rounds_train_with_two_processes(setup, finished):

@@ -251,3 +251,24 @@ def test_uid_slice_restricts_candidates(corpus_root):
     assert stats["outside_slice"] == 157 - 80 and stats["super_batches"] == 2
     assert stats["carried"] == 0 and stats["dead_lettered"] == 0
     assert {r["uid"] for r in m if r["reason"] in ("selected", "rejected")} == set(chosen)
+
+
+def test_selection_flops_are_measured_per_super_batch(jest_run):
+    """stats.json counts the selection matmuls: 3 super-batches of one measured select."""
+    import torch
+    from jest_core import sampler, scores
+    from training.flops import count_flops
+    cfg, stats = jest_run
+    rng = np.random.default_rng(0)
+
+    def pair():
+        return scores.EmbeddingPair(image=torch.from_numpy(_unit(rng.normal(size=(40, D)))).float(),
+                                    text=torch.from_numpy(_unit(rng.normal(size=(40, D)))).float(),
+                                    logit_scale=T, logit_bias=BIAS)
+    inputs = scores.ScoringInputs(learner=pair(), reference=pair(), num_examples=40)
+    _, one = count_flops(lambda: sampler.select(
+        inputs, method="jest", batch_size=cfg.batch_size, num_chunks=cfg.chunks,
+        generator=torch.Generator().manual_seed(0)))
+    # At least the cross-term matmuls: 8 S b d (N - 1) / N per super-batch.
+    assert one >= 8 * 40 * cfg.batch_size * D * (cfg.chunks - 1) / cfg.chunks
+    assert stats["selection_flops"] == stats["super_batches"] * one

@@ -15,6 +15,7 @@ at retrieval and 0 at zero-shot instead of a perfect or lucky-index result.
 """
 import collections
 import dataclasses
+import functools
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +26,7 @@ from jest_curate import formats
 from training import preprocess
 
 __all__ = ["ZeroShotEvaluator", "RetrievalEvaluator", "model_encoders", "EvalSplit",
-           "EvalData", "load_eval_data", "evaluate_dir"]
+           "EvalData", "load_eval_data", "evaluate_dir", "bpe_tokens", "untaught_tokens"]
 
 EncodeFn = Callable[[Sequence], np.ndarray]
 
@@ -86,10 +87,18 @@ class ZeroShotEvaluator:
         return _normalize(per_class)
 
     def run(self) -> Iterator[Tuple[str, float]]:
+        """topk accuracies; top1 per class ({classname: accuracy or None if absent}) and
+        their mean over the classes present (balanced accuracy); the number of images."""
         image = _normalize(_encode_all(self.encode_image_fn, self.images, self.batch_size))
         ranks = _ranks_of_true(image @ self.class_embeddings().T, self.labels)
         for k in self.ks:
             yield f"{self.prefix}top{k}", float(np.mean(ranks < k))
+        per_class = {name: (float(np.mean(ranks[self.labels == c] < 1))
+                            if (self.labels == c).any() else None)
+                     for c, name in enumerate(self.classnames)}
+        yield f"{self.prefix}top1_per_class", per_class
+        yield f"{self.prefix}balanced_top1", float(np.mean(
+            [v for v in per_class.values() if v is not None]))
         yield f"{self.prefix}num_examples", len(self.labels)
 
 
@@ -119,6 +128,34 @@ class RetrievalEvaluator:
             for k in self.ks:
                 yield f"{self.prefix}{direction}_r{k}", float(np.mean(ranks < k))
         yield f"{self.prefix}num_examples", len(self.captions)
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer()
+
+
+def bpe_tokens(text: str) -> List[str]:
+    """open_clip's BPE tokens of `text` (lower-cased, as the preprocessing contract does)."""
+    bpe = _bpe()
+    return [bpe.decoder[i] for i in bpe.encode(text)]
+
+
+def untaught_tokens(texts: Sequence[str], captions: Sequence[str]) -> Dict[str, List[str]]:
+    """{text: its BPE tokens that occur in none of `captions`} for texts with any.
+
+    A zero-shot prompt whose tokens the training captions never contain embeds
+    untrained token embeddings, so its accuracy measures nothing the data taught.
+    Templates are checked with their "{}" slot removed.
+    """
+    taught = {t for c in captions for t in bpe_tokens(c)}
+    gaps = {}
+    for text in texts:
+        missing = sorted({t for t in bpe_tokens(text.replace("{}", " ")) if t not in taught})
+        if missing:
+            gaps[text] = missing
+    return gaps
 
 
 def model_encoders(model: torch.nn.Module, contract: formats.Preprocess, *,
