@@ -9,35 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from training import analytic_flops
 from training import flops
 from training import model as model_lib
 from training import scoring
 
-SHIPPED = ("jest-vit-micro-28", "jest-vit-tiny-32", "jest-resnet-tiny-64")
+SHIPPED = sorted(p.stem for p in model_lib.CONFIG_DIR.glob("*.json"))
 aten = torch.ops.aten
 
 
 # --------------------------------------------------------------------------- #
-# Analytic forward FLOPs per example (a multiply-add counts as 2)
+# Analytic forward FLOPs per example (a multiply-add counts as 2): ViTs and text towers
+# from training/analytic_flops.py, open_clip's ModifiedResNet here
 # --------------------------------------------------------------------------- #
-
-def _transformer(tokens: int, width: int, layers: int, mlp_ratio: float) -> int:
-    mlp = int(width * mlp_ratio)
-    per_layer = (2 * tokens * width * 3 * width + 2 * tokens * width * width  # qkv, out proj
-                 + 2 * 2 * tokens * width * mlp  # fc, proj
-                 + 2 * 2 * tokens * tokens * width)  # q kᵀ, (scores) v
-    return layers * per_layer
-
-
-def _vit_image(cfg: dict, *, image_size: int, kept_fraction: float = 1.0) -> int:
-    v = cfg["vision_cfg"]
-    patch, width = v["patch_size"], v["width"]
-    patches = (image_size // patch) ** 2
-    kept = patches if kept_fraction == 1.0 else max(1, int(patches * kept_fraction))
-    conv = 2 * patches * (3 * patch * patch) * width
-    return conv + _transformer(kept + 1, width, v["layers"], v.get("mlp_ratio", 4.0)) \
-        + 2 * width * cfg["embed_dim"]
-
 
 def _conv(cin: int, cout: int, k: int, out_hw: int) -> int:
     return 2 * cin * k * k * cout * out_hw * out_hw
@@ -70,13 +54,12 @@ def _image(cfg: dict, *, image_size: int, kept_fraction: float = 1.0) -> int:
     if isinstance(cfg["vision_cfg"].get("layers"), list):
         assert kept_fraction == 1.0
         return _resnet_image(cfg, image_size=image_size)
-    return _vit_image(cfg, image_size=image_size, kept_fraction=kept_fraction)
+    return analytic_flops.image_tower_flops(cfg, image_size=image_size,
+                                            patch_dropout=1.0 - kept_fraction)
 
 
 def _text(cfg: dict) -> int:
-    t = cfg["text_cfg"]
-    return _transformer(t["context_length"], t["width"], t["layers"], t.get("mlp_ratio", 4.0)) \
-        + 2 * t["width"] * cfg["embed_dim"]
+    return analytic_flops.text_tower_flops(cfg)
 
 
 def _measured(name: str, **spec) -> scoring.FlopCounts:

@@ -1,9 +1,9 @@
 """Analytic forward FLOPs of open_clip's ViT image tower and text transformer.
 
-Counted as torch's FlopCounterMode counts them (2 FLOPs per multiply-add of every
-matmul and convolution; norms, softmax and activations are free), so the two agree
-exactly where the counter sees every matmul (tests/test_analytic_flops.py). Useful
-where it does not: some torch builds have no formula for fused CPU attention kernels.
+Counted as `training.flops` counts them (2 FLOPs per multiply-add of every matmul and
+convolution; norms, softmax and activations are free), so the two agree exactly on every
+torch build (tests/test_analytic_flops.py, tests/test_flops.py): for planning a model or
+a budget without building it.
 
 Per transformer layer over T tokens of width w with MLP ratio r:
     qkv 6Tw^2 + scores 2T^2w + weighted values 2T^2w + out 2Tw^2 + MLP 4rTw^2
@@ -27,7 +27,8 @@ def image_tower_flops(cfg: dict, *, image_size: Optional[int] = None,
                       patch_dropout: float = 0.0) -> int:
     """One image through a ViT tower (open_clip vision_cfg; class-token pooling).
 
-    `patch_dropout` keeps round((1 - p) * patches) patch tokens after the embedding.
+    `patch_dropout` keeps max(1, int((1 - p) * patches)) patch tokens after the
+    embedding, as the scorer's DeterministicPatchDropout does.
     """
     v = cfg["vision_cfg"]
     if "patch_size" not in v or isinstance(v.get("layers"), (list, tuple)):
@@ -35,7 +36,7 @@ def image_tower_flops(cfg: dict, *, image_size: Optional[int] = None,
     size = int(image_size or v["image_size"])
     p, w = int(v["patch_size"]), int(v["width"])
     patches = (size // p) ** 2
-    kept = max(1, round((1.0 - patch_dropout) * patches)) if patch_dropout else patches
+    kept = max(1, int(patches * (1.0 - patch_dropout))) if patch_dropout else patches
     embed = 2 * 3 * p * p * w * patches
     body = transformer_flops(tokens=kept + 1, width=w, layers=int(v["layers"]),
                              mlp_ratio=float(v.get("mlp_ratio", 4.0)))
