@@ -19,6 +19,7 @@ from typing import Optional
 from jest_curate import demo_data
 from jest_curate import formats
 from jest_curate import hashing
+from jest_curate import progress as progress_lib
 from jest_curate import report as report_lib
 from pipelines import options
 from pipelines import rounds as rounds_lib
@@ -136,6 +137,7 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
     demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
     reference = _reference(cfg, data, os.path.join(output, "reference"))
     log.info("reference: %s", reference["eval"])
+    print(f"reference: zero-shot {reference['eval'][report_lib.METRIC]:.3f}", flush=True)
     runs = {}
     for i, (name, steps, seed, fields) in enumerate(plan_runs(cfg)):
         run_dir = os.path.join(output, "runs", f"{name}-b{steps}-s{seed}")
@@ -150,7 +152,9 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
             "eval_data": formats.join_url(data, "eval")})
         log.info("running %s", run_cfg.name)
         rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
-                              reference_embeddings=os.path.join(output, "reference_embeddings"))
+                              reference_embeddings=os.path.join(output, "reference_embeddings"),
+                              progress=progress_lib.RoundProgress(
+                                  run_cfg.rounds, label=f"{run_cfg.name}: "))
     if part is not None:
         return None
     return report_lib.write_report(
@@ -191,13 +195,15 @@ def run(argv=None) -> int:
                    help="run only every N-th run from the I-th and skip the report, to split "
                         "a study over N processes sharing --output (start them after the "
                         "reference is trained; rerun without --part to write the report)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print Beam's and the trainer's INFO lines (always in OUTPUT/log.txt)")
     args, beam_args = options.parse_stage_args(p, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    progress_lib.configure_logging(os.path.join(args.output, "log.txt"), verbose=args.verbose)
     config = args.config or str(CONFIG_DIR / ("demo_full.json" if args.full else "demo.json"))
     summary = run_demo(config, args.output, beam_args=beam_args or ["--runner=FnApiRunner"],
                        part=args.part)
     if summary is None:
-        log.info("part %s/%s done; rerun without --part to write the report", *args.part)
+        print("part %s/%s done; rerun without --part to write the report" % args.part)
         return 0
     print(report_lib.render_table(summary))
     print(json.dumps({k: summary[k] for k in ("examples_speedup", "flops_speedup",

@@ -41,6 +41,7 @@ import numpy as np
 from jest_core import filtering
 from jest_curate import formats
 from jest_curate import hashing
+from jest_curate import progress as progress_lib
 from jest_curate import ledger as ledger_lib
 from pipelines import embed as embed_stage
 from pipelines import options
@@ -280,8 +281,11 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
 
 
 def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Optional[str] = None,
-               beam_args=()) -> dict:
-    """Run (or resume) every round of `cfg` under `output`; returns summary.json's contents."""
+               beam_args=(), progress: Optional[progress_lib.RoundProgress] = None) -> dict:
+    """Run (or resume) every round of `cfg` under `output`; returns summary.json's contents.
+
+    `progress` is called with each round's record as it finishes.
+    """
     if cfg.pool is None:
         raise ValueError("the run config needs `pool` (the canonical corpus to curate)")
     config_url = formats.join_url(output, "config.json")
@@ -318,7 +322,12 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     if not formats.exists(train_lib.checkpoint_url(paths.learner(), 0)):
         trainer_cli.train_with_processes(  # Step 0 scores round 0.
             _train_config(cfg, paths, None, 0), cfg.train_processes)
-    records = [_run_round(cfg, paths, r, slices, beam_args) for r in range(cfg.rounds)]
+    records = []
+    for r in range(cfg.rounds):
+        resumed = formats.exists(formats.join_url(_round_dir(output, r), "round.json"))
+        records.append(_run_round(cfg, paths, r, slices, beam_args))
+        if progress is not None:
+            progress(records[-1], resumed=resumed)
     # Methods that consult the reference pay for training it (jest_curate/ledger.py).
     reference_training = ledger_lib.reference_training_flops(
         cfg.reference_checkpoint, cfg.reference_training_flops) if reference_flops else 0
@@ -354,8 +363,12 @@ def run(argv=None) -> int:
     p.add_argument("--config", required=True, help="run config JSON (see configs/)")
     p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--reference-embeddings", help="shared root for reference embeddings (one directory per scoring settings)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print Beam's and the trainer's INFO lines (always in OUTPUT/log.txt)")
     args, beam_args = options.parse_stage_args(p, argv)
-    summary = run_rounds(formats.read_run_config(args.config), args.output,
-                         reference_embeddings=args.reference_embeddings, beam_args=beam_args)
+    progress_lib.configure_logging(formats.join_url(args.output, "log.txt"), verbose=args.verbose)
+    cfg = formats.read_run_config(args.config)
+    summary = run_rounds(cfg, args.output, reference_embeddings=args.reference_embeddings,
+                         beam_args=beam_args, progress=progress_lib.RoundProgress(cfg.rounds))
     print(json.dumps(summary["rounds"][-1]))
     return 0
