@@ -25,7 +25,7 @@ from training import train as train_lib
 from training.distributed import World
 
 REPO = Path(__file__).resolve().parents[1]
-BATCH, STEPS = 8, 3
+BATCH, STEPS = 8, 6  # Several steps after the first checkpoint: room to kill mid-run.
 
 
 @pytest.fixture(scope="module")
