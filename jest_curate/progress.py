@@ -11,10 +11,16 @@ import sys
 import time
 from typing import Callable, Optional, TextIO
 
-__all__ = ["configure_logging", "RoundProgress", "format_duration"]
+__all__ = ["add_verbose_flag", "configure_logging", "RoundProgress", "format_duration"]
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 _OURS = "_jest_curate_handler"
+
+
+def add_verbose_flag(parser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print Beam's and the trainer's INFO lines (always in "
+                             "OUTPUT/log.txt)")
 
 
 def configure_logging(log_file: Optional[str], *, verbose: bool) -> None:

@@ -195,8 +195,7 @@ def run(argv=None) -> int:
                    help="run only every N-th run from the I-th and skip the report, to split "
                         "a study over N processes sharing --output (start them after the "
                         "reference is trained; rerun without --part to write the report)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print Beam's and the trainer's INFO lines (always in OUTPUT/log.txt)")
+    progress_lib.add_verbose_flag(p)
     args, beam_args = options.parse_stage_args(p, argv)
     progress_lib.configure_logging(os.path.join(args.output, "log.txt"), verbose=args.verbose)
     config = args.config or str(CONFIG_DIR / ("demo_full.json" if args.full else "demo.json"))

@@ -41,8 +41,8 @@ import numpy as np
 from jest_core import filtering
 from jest_curate import formats
 from jest_curate import hashing
-from jest_curate import progress as progress_lib
 from jest_curate import ledger as ledger_lib
+from jest_curate import progress as progress_lib
 from pipelines import embed as embed_stage
 from pipelines import options
 from pipelines import select as select_stage
@@ -363,8 +363,7 @@ def run(argv=None) -> int:
     p.add_argument("--config", required=True, help="run config JSON (see configs/)")
     p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--reference-embeddings", help="shared root for reference embeddings (one directory per scoring settings)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print Beam's and the trainer's INFO lines (always in OUTPUT/log.txt)")
+    progress_lib.add_verbose_flag(p)
     args, beam_args = options.parse_stage_args(p, argv)
     progress_lib.configure_logging(formats.join_url(args.output, "log.txt"), verbose=args.verbose)
     cfg = formats.read_run_config(args.config)

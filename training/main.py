@@ -107,20 +107,6 @@ def _train_config(args) -> train_lib.TrainConfig:
         tensorboard=args.tensorboard)
 
 
-def _without_nproc(argv) -> list:
-    # torchrun's parser would read `--nproc` as an ambiguous abbreviation of its own
-    # --nproc-per-node; the processes it starts know they are distributed (WORLD_SIZE).
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
 def train_argv(config: train_lib.TrainConfig) -> list:
     """`jest-curate train` flags that rebuild `config` (the inverse of `_train_config`)."""
     eps = next(f for f in dataclasses.fields(train_lib.TrainConfig) if f.name == "eps")
@@ -160,18 +146,20 @@ def train_with_processes(config: train_lib.TrainConfig, nproc: int) -> train_lib
 
 
 def train_main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_train_args(argv)
     if args.nproc < 1:
         print("jest-curate train: error: --nproc must be >= 1", file=sys.stderr)
         return 2
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return distributed.launch(args.nproc, ["train", *_without_nproc(argv)])
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
-        result = train_lib.train(_train_config(args))
+        config = _train_config(args)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            # The processes get the config's flags, not ours: torchrun's parser would take
+            # `--nproc` for its own --nproc-per-node, and they know they are distributed.
+            return distributed.launch(args.nproc, ["train", *train_argv(config)])
+        result = train_lib.train(config)
     except _USER_ERRORS + (ValueError,) as e:
         print(f"jest-curate train: error: {e}", file=sys.stderr)
         return 2

@@ -13,11 +13,13 @@ fp32 a resumed run is bit-for-bit an uninterrupted one. The same code trains
 the reference model on canonical (random-batch) data.
 
 Loss: open_clip's `SigLipLoss` (Zhai et al. 2023) with the config's SigLIP
-initialisation of logit scale and bias. Under torchrun (`training.distributed`) each
-process trains on its part of every global batch, the loss spans the global batch through
-SigLipLoss's neighbour exchange, and DistributedDataParallel averages the gradients. Multi-resolution (Flexi-JEST, Evans et
+initialisation of logit scale and bias. Multi-resolution (Flexi-JEST, Evans et
 al. 2024 sec. 4): a seeded `low_res_fraction` of every batch is seen at
 `low_res_size`, through the same ViT with its position grid resampled.
+
+Under torchrun (`training.distributed`) each process trains on its part of every
+global batch, the loss spans the global batch through SigLipLoss's neighbour exchange,
+and DistributedDataParallel averages the gradients.
 """
 import collections
 import dataclasses
@@ -301,11 +303,12 @@ class Trainer:
             raise formats.CheckpointError(f"{url}: lacks training state; not a trainer "
                                           "checkpoint, so it cannot be resumed")
         changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-        if extra.get("world_size", 1) != self.world.size:
+        trained_with = extra.get("world_size", 1)
+        if trained_with != self.world.size:
             raise formats.CheckpointError(
-                f"{url}: trained with {extra.get('world_size', 1)} process(es); resume it with "
-                f"the same number (--nproc {extra.get('world_size', 1)}), not {self.world.size}: "
-                "each process's share of every batch would change")
+                f"{url}: trained with {trained_with} process(es); resume it with the same "
+                f"number (--nproc {trained_with}), not {self.world.size}: each process's "
+                "share of every batch would change")
         if changed:
             raise formats.CheckpointError(f"{url}: resuming would change the run's "
                                           f"settings (checkpoint, requested): {changed}")
