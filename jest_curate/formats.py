@@ -41,7 +41,9 @@ __all__ = [
     "Preprocess", "ModelCard", "write_model_card", "read_model_card",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "CheckpointError",
     "write_json_atomic", "read_json", "write_bytes_atomic", "sha256_file",
-    "join_url", "FormatError",
+    "join_url", "FormatError", "CANDIDATE_SCHEMA", "CARRIED_SCHEMA", "ROUND_MANIFEST_SCHEMA",
+    "LayoutSpec", "CandidateShard", "Layout", "write_layout", "read_layout",
+    "read_shard_bytes", "read_row_groups",
 ]
 
 
@@ -237,20 +239,21 @@ class ShardInfo:
         return hashing.blake2b_fields("shard", self.sha256, self.drop_sha256, digest_size=32).hex()
 
 
-def _table_to_parquet_bytes(table: pa.Table, metadata: Optional[dict]) -> bytes:
+def _table_to_parquet_bytes(table: pa.Table, metadata: Optional[dict],
+                            row_group_size: int = 4096) -> bytes:
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
     sink = io.BytesIO()
     # Fixed writer settings so equal tables give byte-identical files.
-    pq.write_table(table, sink, compression="zstd", row_group_size=4096,
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size,
                    write_statistics=False, store_schema=True)
     return sink.getvalue()
 
 
 def write_shard(root: str, shard_id: str, table: pa.Table, *, schema: pa.Schema,
-                metadata: Optional[dict] = None) -> ShardInfo:
+                metadata: Optional[dict] = None, row_group_size: int = 4096) -> ShardInfo:
     """Write one shard of a sharded dataset atomically, then its commit marker."""
     if not _SHARD_ID.match(shard_id):
         raise ValueError(f"invalid shard id {shard_id!r}: use letters, digits, '_', '-', '.'")
@@ -265,7 +268,7 @@ def write_shard(root: str, shard_id: str, table: pa.Table, *, schema: pa.Schema,
         table = table.cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
         raise FormatError(f"shard {shard_id}: cannot store as {schema.names}: {e}") from e
-    data = _table_to_parquet_bytes(table, metadata)
+    data = _table_to_parquet_bytes(table, metadata, row_group_size)
     url = join_url(root, f"{shard_id}.parquet")
     write_bytes_atomic(url, data)
     info = ShardInfo(shard_id=shard_id, url=url, num_rows=table.num_rows,
@@ -597,7 +600,8 @@ class Embeddings:
 
 
 def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings, *,
-                           metadata: Optional[dict] = None) -> ShardInfo:
+                           metadata: Optional[dict] = None,
+                           row_group_size: int = 4096) -> ShardInfo:
     """`metadata`: extra str -> str entries (e.g. what a partial run was restricted to)."""
     n, d = emb.image.shape
     if emb.text.shape != (n, d) or len(emb.uids) != n:
@@ -614,21 +618,23 @@ def write_embeddings_shard(root: str, shard_id: str, emb: Embeddings, *,
 
     table = pa.table([pa.array(emb.uids, pa.string()), vectors(emb.image), vectors(emb.text)],
                      schema=schema)
-    return write_shard(root, shard_id, table, schema=schema, metadata={
-        **(metadata or {}),
-        "jest.model_digest": emb.model_digest,
-        "jest.corpus_shard_sha256": emb.corpus_shard_sha256})
+    return write_shard(root, shard_id, table, schema=schema, row_group_size=row_group_size,
+                       metadata={**(metadata or {}), "jest.model_digest": emb.model_digest,
+                                 "jest.corpus_shard_sha256": emb.corpus_shard_sha256})
 
 
 def read_embeddings_shard(shard: "ShardInfo | str", *,
-                          expect_model_digest: Optional[str] = None) -> Embeddings:
+                          expect_model_digest: Optional[str] = None,
+                          table: Optional[pa.Table] = None) -> Embeddings:
     """Read one embeddings shard; refuse NaNs and another model's embeddings.
 
     Given a ShardInfo (from `committed_shard`/`list_shards`), the bytes are also checked
-    against the commit marker's sha256.
+    against the commit marker's sha256. `table`: rows of the shard already read (e.g.
+    some row groups of a layout's sidecar, `read_shard_bytes`), checked the same way.
     """
     url = shard.url if isinstance(shard, ShardInfo) else shard
-    table = read_shard(shard, verify_sha256=isinstance(shard, ShardInfo))
+    if table is None:
+        table = read_shard(shard, verify_sha256=isinstance(shard, ShardInfo))
     md = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if md.get("jest.schema") != "embeddings/v1":
         raise FormatError(f"{url}: not an embeddings shard (schema {md.get('jest.schema')!r})")
@@ -649,6 +655,147 @@ def read_embeddings_shard(shard: "ShardInfo | str", *,
     return Embeddings(uids=table.column("uid").to_pylist(), image=image, text=text,
                       model_digest=digest,
                       corpus_shard_sha256=md.get("jest.corpus_shard_sha256", ""))
+
+
+# --------------------------------------------------------------------------- #
+# Candidate layouts: one pass of the pool in rank order (pipelines/layout.py)
+# --------------------------------------------------------------------------- #
+#   PASS/layout.json                    LayoutSpec + counts; written last (the commit)
+#   PASS/candidates/<NNNNNN>.parquet    CANDIDATE_SCHEMA rows in rank order, whole
+#                                       super-batches, one parquet row group each
+#   PASS/candidates/_index.json         + "first_super_batch", "super_batches" per shard
+#   PASS/reference/<NNNNNN>.parquet     the reference's embeddings, row-aligned with the
+#                                       candidates (sidecar), + model.json and _index.json
+#   PASS/carried.parquet                the pass's remainder (< S examples): CARRIED_SCHEMA
+# A round is a contiguous range of super-batches, so it reads a contiguous run of
+# candidate shards and nothing else.
+
+CANDIDATE_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [
+    pa.field("corpus_shard", pa.string(), nullable=False),  # Provenance in the pool.
+    pa.field("corpus_row", pa.int64(), nullable=False),
+    pa.field("pass", pa.int32(), nullable=False),
+    pa.field("super_batch", pa.int64(), nullable=False),
+    pa.field("rank", pa.int64(), nullable=False),  # Position in the pass's permutation.
+], metadata={"jest.schema": "candidates/v1"})
+
+CARRIED_SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("corpus_shard", pa.string(), nullable=False),
+    pa.field("corpus_row", pa.int64(), nullable=False),
+    pa.field("rank", pa.int64(), nullable=False),
+], metadata={"jest.schema": "carried/v1"})
+
+# The decisions of one round (pipelines/round_job.py): one row per candidate of the
+# round's super-batches, one shard per curated tar (same name).
+ROUND_MANIFEST_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [
+    pa.field("pass", pa.int32(), nullable=False),
+    pa.field("corpus_shard", pa.string(), nullable=False),
+    pa.field("corpus_row", pa.int64(), nullable=False),
+], metadata={"jest.schema": "round_manifest/v1"})
+
+LAYOUT_FILE = "layout.json"
+LAYOUT_FORMAT = "jest-curate/layout/v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutSpec:
+    """What determines a pass's layout; equal specs give byte-identical layouts."""
+    pool: str  # Corpus URL.
+    pool_version: str  # sha256 of the corpus index (the rows the pool holds).
+    reference: Optional[str]  # Embeddings root: the pool is what it embedded. None: all rows.
+    reference_digest: Optional[str]  # Its model digest.
+    seed: int  # The passes' seed: rank = (blake2b("pass", seed, pass, uid), uid).
+    pass_index: int
+    super_batch_size: int  # S.
+    shard_super_batches: int  # Super-batches per candidate shard.
+    keep: Optional[dict] = None  # A filter of the pool (clip-score's threshold), if any.
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateShard:
+    info: ShardInfo
+    reference: Optional[ShardInfo]  # Its sidecar, row-aligned.
+    first_super_batch: int
+    super_batches: int
+
+    @property
+    def stop_super_batch(self) -> int:
+        return self.first_super_batch + self.super_batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: str
+    spec: LayoutSpec
+    counts: dict  # pool_rows, pool, excluded_by_reason, super_batches, carried, shards
+    shards: tuple  # CandidateShard, in super-batch order.
+
+    @property
+    def super_batches(self) -> int:
+        return int(self.counts["super_batches"])
+
+    def reference_card(self) -> Optional["ModelCard"]:
+        return read_model_card(join_url(self.root, "reference")) if self.spec.reference else None
+
+    def shards_between(self, first: int, stop: int) -> list:
+        """The candidate shards holding super-batches [first, stop)."""
+        if not 0 <= first <= stop <= self.super_batches:
+            raise ValueError(f"{self.root}: super-batches [{first}, {stop}) are outside the "
+                             f"pass's {self.super_batches}")
+        return [s for s in self.shards
+                if s.first_super_batch < stop and s.stop_super_batch > first]
+
+
+def write_layout(root: str, spec: LayoutSpec, counts: dict, shards: Sequence[CandidateShard],
+                 *, writer: str) -> None:
+    """Commit a pass's layout: both indexes, then layout.json last."""
+    write_index(join_url(root, "candidates"), [s.info for s in shards], writer=writer,
+                fields={s.info.shard_id: {"first_super_batch": s.first_super_batch,
+                                          "super_batches": s.super_batches} for s in shards})
+    if spec.reference:
+        write_index(join_url(root, "reference"), [s.reference for s in shards], writer=writer)
+    write_json_atomic(join_url(root, LAYOUT_FILE), {
+        "format": LAYOUT_FORMAT, "spec": dataclasses.asdict(spec), "counts": counts})
+
+
+def read_layout(root: str) -> Layout:
+    """A committed pass layout (FileNotFoundError if `root` has none)."""
+    doc = read_json(join_url(root, LAYOUT_FILE))
+    if not isinstance(doc, dict) or doc.get("format") != LAYOUT_FORMAT:
+        raise FormatError(f"{join_url(root, LAYOUT_FILE)}: not a {LAYOUT_FORMAT} file")
+    spec = _from_dict(LayoutSpec, doc["spec"], join_url(root, LAYOUT_FILE))
+    infos, index = read_index(join_url(root, "candidates"), with_doc=True)
+    extra = {e["id"]: e for e in index["shards"]}
+    sidecars = ({s.shard_id: s for s in read_index(join_url(root, "reference"))}
+                if spec.reference else {})
+    shards = tuple(CandidateShard(
+        info=i, reference=sidecars.get(i.shard_id) if spec.reference else None,
+        first_super_batch=int(extra[i.shard_id]["first_super_batch"]),
+        super_batches=int(extra[i.shard_id]["super_batches"])) for i in infos)
+    if spec.reference and any(s.reference is None for s in shards):
+        raise FormatError(f"{root}: a candidate shard has no reference sidecar")
+    return Layout(root=root, spec=spec, counts=doc["counts"], shards=shards)
+
+
+def layout_shard_id(index: int) -> str:
+    return f"{index:06d}"
+
+
+def read_shard_bytes(shard: ShardInfo) -> bytes:
+    """A shard's file, checked against its sha256 (index or commit marker)."""
+    with fsspec.open(shard.url, "rb") as f:
+        data = f.read()
+    if hashing.sha256_bytes(data) != shard.sha256:
+        raise FormatError(f"{shard.url}: bytes do not match the sha256 in its index "
+                          "(corrupted or replaced after it was written)")
+    return data
+
+
+def read_row_groups(data: bytes, groups: Sequence[int], *,
+                    columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """Row groups of a parquet file's bytes (a candidate shard's super-batches)."""
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    return pf.read_row_groups(list(groups), columns=list(columns) if columns else None)
 
 
 # --------------------------------------------------------------------------- #

@@ -40,7 +40,7 @@ from jest_core import sampler
 from jest_core import scores
 from jest_curate import formats
 from jest_curate import hashing
-from pipelines import faults, options
+from pipelines import faults, options, tables
 from training.flops import StepFlops
 
 __all__ = ["SelectConfig", "JoinEmbeddings", "AssignSuperBatches", "SelectSubBatches",
@@ -100,19 +100,6 @@ class SelectConfig:
         return self.batches_per_shard or max(1, math.ceil(4096 / self.batch_size))
 
 
-# ----------------------------------------------------------------------------- rows
-# A batch of examples travels as a dict of equal-length numpy arrays ("rows"), so a
-# Beam element carries many examples, not one.
-
-def _take(rows: dict, index) -> dict:
-    return {k: v[index] for k, v in rows.items()}
-
-
-def _concat(parts) -> dict:
-    parts = list(parts)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 def _manifest_rows(rows: dict, *, reason: str, round_: int, super_batch=None) -> pa.Table:
     n = len(rows["uid"])
     sb = super_batch if super_batch is not None else [None] * n
@@ -165,7 +152,7 @@ class _JoinShard(beam.DoFn):
                 beam.metrics.Metrics.counter(_NAMESPACE, "outside_slice").inc(
                     int((~valid).sum()))
                 yield beam.pvalue.TaggedOutput("manifest", _manifest_rows(
-                    _take(rows, ~valid), reason="outside_slice", round_=cfg.round))
+                    tables.take(rows, ~valid), reason="outside_slice", round_=cfg.round))
         for role in _NEEDS[cfg.method]:
             emb, found = self._embeddings(role, shard, uids)
             for name, arr in (("image", emb.image), ("text", emb.text)):
@@ -178,9 +165,9 @@ class _JoinShard(beam.DoFn):
                 beam.metrics.Metrics.counter(_NAMESPACE, f"dropped_missing_{role}").inc(
                     int(missing.sum()))
                 yield beam.pvalue.TaggedOutput("manifest", _manifest_rows(
-                    _take(rows, missing), reason=reason, round_=cfg.round))
+                    tables.take(rows, missing), reason=reason, round_=cfg.round))
             valid &= found >= 0
-        rows = _take(rows, valid)
+        rows = tables.take(rows, valid)
         rows["hash"] = np.array([hashing.hash_u64("rank", cfg.seed, cfg.permutation_round, u)
                                  for u in rows["uid"]], dtype=np.uint64)
         bucket = (rows["hash"] >> np.uint64(64 - self._bits)).astype(np.int64) \
@@ -188,7 +175,7 @@ class _JoinShard(beam.DoFn):
         beam.metrics.Metrics.counter(_NAMESPACE, "seen").inc(len(uids))
         yield beam.pvalue.TaggedOutput("counts", np.bincount(bucket, minlength=1 << self._bits))
         for b in np.unique(bucket):
-            yield int(b), _take(rows, bucket == b)
+            yield int(b), tables.take(rows, bucket == b)
 
     def _embeddings(self, role: str, shard: formats.ShardInfo, uids):
         card = self._cards[role]
@@ -225,13 +212,6 @@ class JoinEmbeddings(beam.PTransform):
 
 # ----------------------------------------------------------------------------- super-batches
 
-def _sum_arrays(arrays):
-    total = None
-    for a in arrays:
-        total = a.copy() if total is None else total + a
-    return total
-
-
 class _RankBucket(beam.DoFn):
     def __init__(self, cfg: SelectConfig):
         self._cfg = cfg
@@ -239,10 +219,10 @@ class _RankBucket(beam.DoFn):
     def process(self, element, counts):
         bucket, parts = element
         cfg, S = self._cfg, self._cfg.super_batch_size
-        rows = _concat(parts)
+        rows = tables.concat(parts)
         order = sorted(range(len(rows["uid"])), key=lambda i: (int(rows["hash"][i]),
                                                                rows["uid"][i]))
-        rows = _take(rows, np.array(order, dtype=np.int64))
+        rows = tables.take(rows, np.array(order, dtype=np.int64))
         offset = int(counts[:bucket].sum())
         rows["rank"] = offset + np.arange(len(order), dtype=np.int64)
         super_batch = rows["rank"] // S
@@ -254,11 +234,11 @@ class _RankBucket(beam.DoFn):
             if mask.any():
                 beam.metrics.Metrics.counter(_NAMESPACE, reason).inc(int(mask.sum()))
                 yield beam.pvalue.TaggedOutput("manifest", _manifest_rows(
-                    _take(rows, mask), reason=reason, round_=cfg.round,
+                    tables.take(rows, mask), reason=reason, round_=cfg.round,
                     super_batch=super_batch[mask].tolist()))
         keep = ~carried & ~outside
         for sb in np.unique(super_batch[keep]):
-            yield int(sb), _take(rows, super_batch == sb)
+            yield int(sb), tables.take(rows, super_batch == sb)
 
 
 class AssignSuperBatches(beam.PTransform):
@@ -270,7 +250,7 @@ class AssignSuperBatches(beam.PTransform):
 
     def expand(self, inputs):
         rows, counts = inputs
-        histogram = counts | "Histogram" >> beam.CombineGlobally(_sum_arrays)
+        histogram = counts | "Histogram" >> beam.CombineGlobally(tables.sum_arrays)
         return (rows
                 | "GroupByBucket" >> beam.GroupByKey()
                 | "Rank" >> beam.ParDo(_RankBucket(self._cfg),
@@ -308,8 +288,8 @@ class _SelectSuperBatch(beam.DoFn):
         sb, parts = element
         cfg = self._cfg
         faults.maybe_fail("select.select_super_batch", (cfg.round, sb))
-        rows = _concat(parts)
-        rows = _take(rows, np.argsort(rows["rank"], kind="stable"))
+        rows = tables.concat(parts)
+        rows = tables.take(rows, np.argsort(rows["rank"], kind="stable"))
         if len(rows["uid"]) != cfg.super_batch_size:  # An invariant of AssignSuperBatches.
             raise RuntimeError(f"super-batch {sb} has {len(rows['uid'])} examples, "
                                f"expected {cfg.super_batch_size}")
@@ -408,9 +388,9 @@ class _WriteFragment(beam.DoFn):
         self._shards = self._shared.acquire(lambda: _Shards(corpus), tag=f"shards:{corpus}")
 
     def process(self, element):
-        shard_id, tables = element
+        shard_id, parts = element
         cfg = self._cfg
-        chosen = pa.concat_tables(tables).sort_by("row")
+        chosen = pa.concat_tables(parts).sort_by("row")
         corpus = formats.read_shard(self._shards.by_id[shard_id], schema=formats.CORPUS_SCHEMA)
         images = corpus.take(pa.array(chosen.column("row").to_numpy()))
         first = (cfg.super_batch_range or (0, 0))[0]
@@ -474,47 +454,15 @@ class WriteCuratedShards(beam.PTransform):
     def expand(self, selected):
         return (selected
                 | "SplitByCorpusShard" >> beam.FlatMap(_split_by_shard)
-                | "GroupByCorpusShard" >> beam.CombinePerKey(_ConcatTables())
+                | "GroupByCorpusShard" >> beam.CombinePerKey(tables.ConcatTables())
                 | "WriteFragments" >> beam.ParDo(_WriteFragment(self._cfg))
                 | "GroupByTar" >> beam.GroupByKey()
                 | "AssembleTars" >> beam.ParDo(_AssembleTar(self._cfg)))
 
 
 def _split_by_shard(table: pa.Table):
-    # Sort once: one pass per shard would cost O(rows x shards) per table. `take` copies
-    # each piece (a slice would pickle the whole table's buffers into the shuffle).
-    ids = table.column("shard_id").to_numpy(zero_copy_only=False)
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else []
-    for start, stop in zip(starts, list(starts[1:]) + [len(ids)]):
-        yield str(ids[start]), table.take(pa.array(order[start:stop]))
-
-
-class _ConcatTables(beam.CombineFn):
-    """Tables of one key as a list, concatenated per bundle before the shuffle.
-
-    Every super-batch sends a piece to most corpus shards, so a plain GroupByKey would
-    shuffle (super-batches x shards) small tables, a count that grows with the square
-    of the corpus; lifted before the shuffle, this sends one table per shard per bundle.
-    """
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, tables, table):
-        tables.append(table)
-        return tables
-
-    def merge_accumulators(self, accumulators):
-        return [t for tables in accumulators for t in tables]
-
-    def compact(self, tables):
-        # One contiguous table: pickling a table of many chunks is far slower.
-        return [pa.concat_tables(tables).combine_chunks()] if len(tables) > 1 else tables
-
-    def extract_output(self, tables):
-        return tables
+    for shard_id, part in tables.split_by(table, "shard_id"):
+        yield str(shard_id), part
 
 
 class _WriteManifestShard(beam.DoFn):
@@ -522,9 +470,9 @@ class _WriteManifestShard(beam.DoFn):
         self._output = output
 
     def process(self, element):
-        shard_id, tables = element
+        shard_id, parts = element
         faults.maybe_fail("select.write_manifest", (self._output, shard_id))
-        table = pa.concat_tables(tables).sort_by("row")
+        table = pa.concat_tables(parts).sort_by("row")
         rows = table.column("row").to_numpy()
         if len(np.unique(rows)) != len(rows):
             raise RuntimeError(f"corpus shard {shard_id}: an example was decided twice")
@@ -543,10 +491,10 @@ class WriteManifest(beam.PTransform):
         super().__init__()
         self._output = output
 
-    def expand(self, tables):
-        return (tables
+    def expand(self, decisions):
+        return (decisions
                 | "SplitByCorpusShard" >> beam.FlatMap(_split_by_shard)
-                | "GroupByCorpusShard" >> beam.CombinePerKey(_ConcatTables())
+                | "GroupByCorpusShard" >> beam.CombinePerKey(tables.ConcatTables())
                 | "WriteShard" >> beam.ParDo(_WriteManifestShard(self._output)))
 
 
