@@ -777,6 +777,11 @@ def read_layout(root: str) -> Layout:
     return Layout(root=root, spec=spec, counts=doc["counts"], shards=shards)
 
 
+def table_bytes(table: pa.Table, schema: pa.Schema) -> bytes:
+    """One parquet file of `schema` (fixed writer settings: equal tables, equal bytes)."""
+    return _table_to_parquet_bytes(table.select(schema.names).cast(schema), None)
+
+
 def layout_shard_id(index: int) -> str:
     return f"{index:06d}"
 
