@@ -19,6 +19,8 @@ COMMANDS = {
     "ingest": ("pipelines.ingest:main", "parquet/folder/WebDataset/img2dataset -> corpus shards"),
     "embed": ("pipelines.embed:main", "embed a corpus with a reference or learner model"),
     "select": ("pipelines.select:run", "JEST-select sub-batches per super-batch; write curated shards"),
+    "layout": ("pipelines.layout:run", "lay out one pass of the pool as candidate shards"),
+    "round": ("pipelines.round_job:run", "score, select and write one round from a pass layout"),
     "rounds": ("pipelines.rounds:run", "score -> select -> train, round after round (resumable)"),
     "demo": ("pipelines.demo:run", "the whole product on Fashion-MNIST, with a speedup report"),
     "bench-select": ("benchmarks.selection:main", "benchmark joint selection vs matmul FLOP/s"),

@@ -1040,6 +1040,7 @@ class RunConfig:
     eval_every: int = 1  # Rounds between evaluations (the last round is always evaluated).
     eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.
     train_processes: int = 1  # Data-parallel trainer processes (torchrun; one per GPU).
+    candidate_shard_rows: int = 4096  # Rows per candidate shard of a pass's layout.
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -1049,7 +1050,7 @@ class RunConfig:
         if self.filter_ratio is not None and not 0.0 <= self.filter_ratio < 1.0:
             raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
         for name in ("batch_size", "steps_per_round", "rounds", "chunks", "rescore_every",
-                     "eval_every", "train_processes"):
+                     "eval_every", "train_processes", "candidate_shard_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:

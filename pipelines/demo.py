@@ -153,6 +153,7 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
         log.info("running %s", run_cfg.name)
         rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
                               reference_embeddings=os.path.join(output, "reference_embeddings"),
+                              layouts=os.path.join(output, "layouts"),
                               progress=progress_lib.RoundProgress(
                                   run_cfg.rounds, label=f"{run_cfg.name}: "))
     if part is not None:

@@ -16,7 +16,8 @@ are written; _SUCCESS (written last) lists every file of a round with its sha256
 
 Outputs per round (OUTPUT/…): shards/{00000..}.tar + shards/sizes.json (open_clip_train
 reads them), manifest/{00000..}.parquet (formats.ROUND_MANIFEST_SCHEMA: one row per
-candidate, the tar's name) + manifest/_index.json, stats.json, _SUCCESS.
+candidate, the tar's name) + manifest/_index.json, stats.json, _SUCCESS; and metrics.json
+(the work's wall and CPU seconds: measured, so the one file that differs between runs).
 """
 import argparse
 import dataclasses
@@ -45,6 +46,7 @@ __all__ = ["RoundSlice", "RoundJobConfig", "SelectRounds", "run_round_job", "run
 
 _NAMESPACE = "jest_curate.round"
 _WRITER = "jest-curate round"
+METRICS = "metrics.json"  # Measured seconds of the round's work (not reproducible).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,9 +369,7 @@ class _CommitRound(beam.DoFn):
             "temperature": cfg.temperature, "selection_flops": report["selection_flops"],
             "scored": report["scored"],
             "scoring_flops": report["scored"] * (self._scoring_flops or 0),
-            "read_bytes": report["read_bytes"], "written_bytes": report["written_bytes"],
-            "work_seconds": report["work_seconds"],
-            "work_cpu_seconds": report["work_cpu_seconds"]}
+            "read_bytes": report["read_bytes"], "written_bytes": report["written_bytes"]}
         if report["batch_scores"]:
             sel, rnd = np.array(sorted(report["batch_scores"])).T
             stats["mean_batch_score_selected"] = float(sel.mean())
@@ -389,6 +389,9 @@ class _CommitRound(beam.DoFn):
         formats.write_index(manifest, report["manifests"], writer=_WRITER)
         shas["manifest/_index.json"] = formats.sha256_file(formats.join_url(manifest,
                                                                             formats.INDEX))
+        # Wall and CPU seconds vary run to run: beside the outputs, not among them.
+        formats.write_json_atomic(formats.join_url(out, METRICS), {
+            k: report[k] for k in ("work_seconds", "work_cpu_seconds")})
         # _SUCCESS is the round's index: every file it holds, with its sha256.
         formats.write_json_atomic(formats.join_url(out, "_SUCCESS"),
                                   {"files": dict(sorted(shas.items()))})
@@ -430,7 +433,7 @@ def run_round_job(cfg: RoundJobConfig, beam_args=(), test_pipeline=None) -> dict
             if not formats.exists(formats.join_url(s.output, "_SUCCESS"))]
     if todo:
         for piece in todo:  # A rerun replaces what an interrupted one left.
-            for stale in ("_SUCCESS", "shards", "manifest", "stats.json"):
+            for stale in ("_SUCCESS", "shards", "manifest", "stats.json", METRICS):
                 _remove(formats.join_url(piece.output, stale))
         job = dataclasses.replace(cfg, slices=tuple(todo))
         card = learner_card(cfg.learner) if "learner" in cfg.needs else None

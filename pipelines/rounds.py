@@ -5,17 +5,19 @@ Semantics (also in the README):
   stage in a directory named by `scoring_key`, which runs may share and never
   overwrite); the pool the rounds draw from is every uid the reference could embed.
 - A *pass* is a permutation of that pool by blake2b(seed, "pass", p, uid), cut into
-  super-batches of S. Round r takes the next K·S examples (K = steps per round) of the
-  current pass; when fewer than K super-batches remain, a new pass starts with a new
-  permutation (the leftover is reported, never silently reused).
-- Rescoring every k rounds: at a rescoring round r0 the learner checkpoint of step r0·K
-  embeds the slices of rounds r0..r0+k-1; those rounds record which checkpoint scored
-  them and how many steps stale it was. The learner's step-0 checkpoint scores round 0.
-- Every method, uniform included, runs the same select stage on the same slices, so data
-  consumption and code paths are equal; uniform simply needs no learner scoring.
-- clip-score (DataComp) first keeps the keep_fraction of the pool with the highest
-  reference image-text similarity (DIR/clip_score/), then draws its passes from that
-  kept set with S = b and selects uniformly: one reference pass, no learner scoring.
+  super-batches of S and written once as candidate shards by the layout job
+  (pipelines/layout.py; its pool-mod-S remainder is carried). Round r takes the next K
+  super-batches of the current pass; when fewer than K remain, a new pass starts (the
+  unused super-batches are reported, never silently reused).
+- Rescoring every k rounds: one round job (pipelines/round_job.py) per period embeds the
+  candidates of rounds r0..r0+k-1 with the learner checkpoint of step r0·K and selects
+  them; those rounds record which checkpoint scored them and how stale it was. The
+  learner's step-0 checkpoint scores round 0.
+- Every method, uniform included, runs the same round job on the same super-batches, so
+  data consumption and code paths are equal; uniform simply needs no learner scoring.
+- clip-score (DataComp) keeps the keep_fraction of the pool with the highest reference
+  image-text similarity (an exact rule computed by pipelines/clip_score.py, applied by
+  the layout), then selects uniformly with S = b: one reference pass, no learner scoring.
 - Multi-resolution training (train_low_res_size/fraction) reaches the learner's trainer;
   with score_image_size at the low setting this is Flexi-JEST.
 - The trainer continues one run across rounds (schedule over rounds·K steps, optimizer
@@ -23,10 +25,13 @@ Semantics (also in the README):
 - Each round has its own directory with a marker per stage; a killed run resumes at the
   first unfinished stage without redoing or duplicating work.
 
-Layout: DIR/config.json, DIR/reference_embeddings/<scoring key>/ (unless shared: then
-under the shared root, one directory per scoring settings), DIR/learner/
-(checkpoints), DIR/learner_embeddings/rNNNN/, DIR/rounds/rNNNN/{slice.parquet,
-scored_by.json, selection/, eval.json, round.json}, DIR/summary.json.
+The launcher holds no per-example state: planning is arithmetic on super-batch ranges
+(each pass's layout.json says how many it has); every per-example cost is a Beam job's.
+
+Layout: DIR/config.json, DIR/reference_embeddings/<scoring key>/ (unless shared), DIR/
+layouts/<layout key>/pNNNN/ (unless shared), DIR/clip_score/rule.json, DIR/passes/
+pNNNN.json (the pass's layout, pinned), DIR/learner/ (checkpoints), DIR/rounds/rNNNN/
+{slice.json, scored_by.json, selection/, eval.json, round.json}, DIR/summary.json.
 """
 import argparse
 import dataclasses
@@ -36,23 +41,23 @@ import logging
 import posixpath
 from typing import Optional
 
-import numpy as np
-
-from jest_core import filtering
 from jest_curate import formats
 from jest_curate import hashing
 from jest_curate import ledger as ledger_lib
 from jest_curate import progress as progress_lib
+from pipelines import clip_score as clip_score_stage
 from pipelines import embed as embed_stage
+from pipelines import layout as layout_stage
 from pipelines import options
+from pipelines import round_job
 from pipelines import select as select_stage
 from training import evaluate as evaluate_lib
 from training import main as trainer_cli
 from training import model as model_lib
+from training import scoring
 from training import train as train_lib
 
-__all__ = ["plan_slices", "scoring_key", "check_selection", "select_method", "clip_score_keep",
-           "run_rounds", "run"]
+__all__ = ["plan_round", "scoring_key", "select_method", "run_rounds", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -61,42 +66,25 @@ def _round_dir(output: str, r: int) -> str:
     return formats.join_url(output, "rounds", f"r{r:04d}")
 
 
-def pool_uids(embeddings_dir: Optional[str], corpus: str) -> list:
-    """The uids rounds may draw from: those the reference embedded (else the corpus)."""
-    root = embeddings_dir or corpus
-    uids = []
-    for shard in formats.list_shards(root):
-        uids += formats.read_shard(shard, columns=["uid"]).column("uid").to_pylist()
-    return sorted(uids)
-
-
-def plan_slices(uids: list, *, seed: int, super_batch_size: int, steps_per_round: int,
-                rounds: int) -> list:
-    """[(pass, uids of the round's slice)] for every round; see the module docstring."""
-    S, K = super_batch_size, steps_per_round
-    rounds_per_pass = (len(uids) // S) // K
+def plan_round(r: int, *, super_batches: int, steps_per_round: int) -> tuple:
+    """(pass, first super-batch, stop) of round r, for passes of `super_batches`."""
+    K = steps_per_round
+    rounds_per_pass = super_batches // K
     if rounds_per_pass < 1:
-        raise ValueError(f"the pool has {len(uids)} usable examples, fewer than one round "
-                         f"needs (steps per round {K} x super-batch {S} = {K * S})")
-    slices, order = [], None
-    for r in range(rounds):
-        p, j = divmod(r, rounds_per_pass)
-        if j == 0:
-            order = sorted(uids, key=lambda u: (hashing.hash_u64("pass", seed, p, u), u))
-        slices.append((p, order[j * K * S:(j + 1) * K * S]))
-    return slices
+        raise ValueError(f"the pool has {super_batches} super-batches, fewer than one round "
+                         f"needs ({K}, one per step)")
+    p, j = divmod(r, rounds_per_pass)
+    return p, j * K, (j + 1) * K
 
 
 @dataclasses.dataclass(frozen=True)
 class _Paths:
     output: str
     reference_embeddings: str
+    layouts: str  # Root of the pass layouts (shared by runs of one pool and seed).
 
     def learner(self) -> str:
         return formats.join_url(self.output, "learner")
-
-    def learner_embeddings(self, r0: int) -> str:
-        return formats.join_url(self.output, "learner_embeddings", f"r{r0:04d}")
 
 
 def scoring_key(cfg: formats.RunConfig) -> str:
@@ -106,7 +94,7 @@ def scoring_key(cfg: formats.RunConfig) -> str:
 
 
 def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
-           uids: Optional[str], beam_args, overwrite: bool) -> dict:
+           beam_args, overwrite: bool) -> dict:
     argv = ["--corpus", cfg.pool, "--model", model, "--checkpoint", checkpoint,
             "--output", output, "--precision", cfg.score_precision,
             "--patch-dropout", str(cfg.score_patch_dropout)]
@@ -114,29 +102,10 @@ def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
         argv.append("--overwrite")
     if cfg.score_image_size:
         argv += ["--image-size", str(cfg.score_image_size)]
-    if uids:
-        argv += ["--uids", uids]
     embed_stage.run(argv + list(beam_args))
     card = formats.read_model_card(output)
     stats = formats.read_json(formats.join_url(output, "stats.json"))
     return {"flops_per_example": card.flops_per_example, "embedded": stats["embedded"]}
-
-
-def check_selection(stats: dict, r: int, selection: str) -> dict:
-    """A round's select stats, unless it lacked reference embeddings for some examples.
-
-    The pool is exactly the uids the reference embedded, so a missing reference
-    embedding means the cache changed under the run (e.g. replaced by another model);
-    training on what is left would quietly use another data budget. (Learner dead
-    letters can be legitimate: the learner's embed may reject an example.)
-    """
-    missing = (stats.get("dead_letters_by_reason") or {}).get("missing_reference_embedding")
-    if missing:
-        raise RuntimeError(
-            f"round {r}: select dead-lettered {missing} examples for missing reference "
-            f"embeddings: the reference embeddings no longer cover the round's slice. "
-            f"Remove {selection} to redo the selection once they do")
-    return stats
 
 
 def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
@@ -154,36 +123,6 @@ def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
 def select_method(method: str) -> str:
     """The select stage's method for a run's: clip-score trains uniformly on its kept set."""
     return "uniform" if method == "clip-score" else method
-
-
-def clip_score_keep(cfg: formats.RunConfig, reference_embeddings: str, output: str) -> dict:
-    """DataComp's CLIP-score filter over the whole pool, once per run (resumable).
-
-    Keeps the keep_fraction of the reference-embedded pool with the highest image-text
-    cosine similarity (ties by uid); writes OUTPUT/clip_score/{kept.parquet, stats.json}
-    and returns the stats with the kept uids (sorted) under "uids".
-    """
-    root = formats.join_url(output, "clip_score")
-    stats_url, kept_url = (formats.join_url(root, n) for n in ("stats.json", "kept.parquet"))
-    if not formats.exists(stats_url):
-        digest = formats.read_model_card(reference_embeddings).model_digest
-        uids, sims, dim = [], [], 0
-        for shard in formats.list_shards(reference_embeddings):
-            emb = formats.read_embeddings_shard(shard, expect_model_digest=digest)
-            uids += emb.uids
-            sims.append(filtering.clip_scores(image=emb.image, text=emb.text))
-            dim = emb.image.shape[1]
-        sims = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-        kept = filtering.top_fraction(sims, fraction=cfg.keep_fraction, keys=uids)
-        formats.write_uids(kept_url, sorted(uids[i] for i in kept))
-        formats.write_json_atomic(stats_url, {
-            "pool": len(uids), "kept": len(kept), "keep_fraction": cfg.keep_fraction,
-            "threshold": float(sims[kept].min()) if len(kept) else None,
-            "mean_similarity_kept": float(sims[kept].mean()) if len(kept) else None,
-            "mean_similarity_pool": float(sims.mean()) if len(sims) else None,
-            "flops": filtering.clip_score_flops(len(uids), dim)})
-    stats = formats.read_json(stats_url)
-    return {**stats, "uids": formats.read_uids(kept_url).to_pylist()}
 
 
 @functools.lru_cache(maxsize=2)
@@ -214,61 +153,115 @@ def _evaluate(cfg: formats.RunConfig, checkpoint: str) -> dict:
     return evaluate_checkpoint(checkpoint, eval_data(cfg.eval_data, cfg.eval_max_examples))
 
 
-def _run_round(cfg, paths, r, slices, beam_args) -> dict:
-    K, b = cfg.steps_per_round, cfg.batch_size
+def layout_key(spec: formats.LayoutSpec) -> str:
+    """Names a pass layout's family (everything but the pass), readable and unique."""
+    fields = dataclasses.asdict(dataclasses.replace(spec, pass_index=0))
+    digest = hashing.blake2b_fields(json.dumps(fields, sort_keys=True), digest_size=6).hex()
+    return f"S{spec.super_batch_size}-seed{spec.seed % 10**6}-{digest}"
+
+
+class _Passes:
+    """Each pass's layout, made when a round first needs it and pinned in DIR/passes/.
+
+    A resumed run whose pool, reference embeddings or filter changed is refused instead
+    of continuing on another pool.
+    """
+
+    def __init__(self, cfg: formats.RunConfig, paths: _Paths, keep: Optional[dict], beam_args):
+        self._cfg, self._paths, self._keep, self._beam_args = cfg, paths, keep, beam_args
+        self._layouts = {}
+
+    def __call__(self, p: int) -> formats.Layout:
+        if p not in self._layouts:
+            cfg = self._cfg
+            spec = layout_stage.layout_spec(
+                pool=cfg.pool, seed=hashing.derive_seed(cfg.seed, "passes"), pass_index=p,
+                reference=None if cfg.method == "hard-learner" else
+                self._paths.reference_embeddings,
+                super_batch_size=cfg.resolved_super_batch_size,
+                shard_rows=cfg.candidate_shard_rows, keep=self._keep)
+            pinned_url = formats.join_url(self._paths.output, "passes", f"p{p:04d}.json")
+            root = formats.join_url(self._paths.layouts, layout_key(spec), f"p{p:04d}")
+            if formats.exists(pinned_url):
+                pinned = formats.read_json(pinned_url)
+                if pinned["spec"] != json.loads(json.dumps(dataclasses.asdict(spec))):
+                    raise ValueError(
+                        f"pass {p} of this run was laid out from another pool, reference or "
+                        f"filter ({pinned_url}); the inputs changed under the run: use a new "
+                        f"output directory")
+            layout = layout_stage.run_layout(spec, root, self._beam_args)
+            if not formats.exists(pinned_url):
+                formats.write_json_atomic(pinned_url, {
+                    "layout": _relative(root, self._paths.output),
+                    "spec": dataclasses.asdict(spec), "counts": layout.counts})
+            self._layouts[p] = layout
+        return self._layouts[p]
+
+
+def _relative(url: str, root: str) -> str:
+    """`url` relative to `root` when inside it (records stay equal when a run moves)."""
+    prefix = root.rstrip("/") + "/"
+    return url[len(prefix):] if url.startswith(prefix) else url
+
+
+def _learner_spec(cfg: formats.RunConfig, checkpoint: str, device: str) -> scoring.ScoringSpec:
+    return scoring.ScoringSpec(model=cfg.learner_model, checkpoint=checkpoint,
+                               image_size=cfg.score_image_size,
+                               patch_dropout=cfg.score_patch_dropout,
+                               precision=cfg.score_precision, device=device)
+
+
+def _select_period(cfg, paths, passes, r0: int, beam_args, device: str) -> None:
+    """One round job for the rounds r0..r0+k-1 that have no committed selection yet."""
+    K = cfg.steps_per_round
+    method = select_method(cfg.method)
+    learner = None
+    if "learner" in select_stage.needed_embeddings(method):
+        checkpoint = train_lib.checkpoint_url(paths.learner(), r0 * K)
+        learner = _learner_spec(cfg, checkpoint, device)
+    slices = []
+    for r in range(r0, min(r0 + cfg.rescore_every, cfg.rounds)):
+        rdir = _round_dir(paths.output, r)
+        p, first, stop = plan_round(r, super_batches=passes(0).super_batches,
+                                    steps_per_round=K)
+        layout = passes(p)
+        formats.write_json_atomic(formats.join_url(rdir, "slice.json"), {
+            "pass": p, "layout": _relative(layout.root, paths.output), "first_super_batch": first,
+            "stop_super_batch": stop, "examples": (stop - first) * layout.spec.super_batch_size})
+        if learner is not None:
+            formats.write_json_atomic(formats.join_url(rdir, "scored_by.json"), {
+                "checkpoint": posixpath.relpath(learner.checkpoint, paths.output),
+                "checkpoint_step": r0 * K, "round_start_step": r * K,
+                "staleness_steps": (r - r0) * K})
+        slices.append(round_job.RoundSlice(r, layout.root, first, stop,
+                                           formats.join_url(rdir, "selection")))
+    round_job.run_round_job(round_job.RoundJobConfig(
+        slices=tuple(slices), method=method, batch_size=cfg.batch_size,
+        super_batch_size=cfg.resolved_super_batch_size, chunks=cfg.chunks,
+        temperature=cfg.temperature, seed=cfg.seed, learner=learner), beam_args)
+
+
+def _run_round(cfg, paths, passes, r, beam_args, device) -> dict:
+    K = cfg.steps_per_round
     rdir = _round_dir(paths.output, r)
     done_url = formats.join_url(rdir, "round.json")
     if formats.exists(done_url):
         return formats.read_json(done_url)
-    pass_index, slice_uids = slices[r]
-    slice_url = formats.join_url(rdir, "slice.parquet")
-    if not formats.exists(slice_url):
-        formats.write_uids(slice_url, slice_uids)
-
-    scored_by, learner_dir, scoring = None, None, {"flops": 0, "examples": 0}
-    method = select_method(cfg.method)
-    needs = select_stage.needed_embeddings(method)
-    if "learner" in needs:
-        r0 = r - r % cfg.rescore_every
-        learner_dir = paths.learner_embeddings(r0)
-        checkpoint = train_lib.checkpoint_url(paths.learner(), r0 * K)
-        if r == r0:  # A rescoring round scores the slices of the next k rounds at once.
-            union_url = learner_dir + "_uids.parquet"
-            rounds_scored = range(r0, min(r0 + cfg.rescore_every, cfg.rounds))
-            formats.write_uids(union_url, {u for q in rounds_scored for u in slices[q][1]})
-            # This run's own directory: a rerun replaces what an interrupted one left.
-            emb = _embed(cfg, model=cfg.learner_model, checkpoint=checkpoint,
-                         output=learner_dir, uids=union_url, beam_args=beam_args,
-                         overwrite=True)
-            scoring = {"flops": emb["flops_per_example"] * emb["embedded"],
-                       "examples": emb["embedded"]}
-        scored_by = {"checkpoint": posixpath.relpath(checkpoint, paths.output),
-                     "checkpoint_step": r0 * K,
-                     "round_start_step": r * K, "staleness_steps": (r - r0) * K}
-        formats.write_json_atomic(formats.join_url(rdir, "scored_by.json"), scored_by)
-
     selection = formats.join_url(rdir, "selection")
     if not formats.exists(formats.join_url(selection, "_SUCCESS")):
-        select_stage.run_select(select_stage.SelectConfig(
-            corpus=cfg.pool, output=selection, batch_size=b,
-            super_batch_size=cfg.resolved_super_batch_size, method=method,
-            chunks=cfg.chunks, temperature=cfg.temperature, seed=cfg.seed, round=r,
-            uids=slice_url,
-            reference=paths.reference_embeddings if "reference" in needs else None,
-            learner=learner_dir), beam_args)
-    select_stats = check_selection(formats.read_json(formats.join_url(selection, "stats.json")),
-                                   r, selection)
-
+        _select_period(cfg, paths, passes, r - r % cfg.rescore_every, beam_args, device)
+    stats = formats.read_json(formats.join_url(selection, "stats.json"))
+    scored_url = formats.join_url(rdir, "scored_by.json")
+    scored_by = formats.read_json(scored_url) if formats.exists(scored_url) else None
     trained = trainer_cli.train_with_processes(
         _train_config(cfg, paths, formats.join_url(selection, "shards"), (r + 1) * K),
         cfg.train_processes)
-    record = {"round": r, "pass": pass_index, "slice_examples": len(slice_uids),
-              "scored_by": scored_by, "scoring_flops": scoring["flops"],
-              "scored_examples": scoring["examples"], "step": trained.step,
+    record = {"round": r, "pass": stats["pass"], "slice_examples": stats["seen"],
+              "scored_by": scored_by, "scoring_flops": stats["scoring_flops"],
+              "scored_examples": stats["scored"], "step": trained.step,
               "checkpoint": trained.checkpoint, "examples_seen": trained.examples_seen,
-              "train_flops": trained.flops,
-              "selection_flops": select_stats.get("selection_flops", 0),
-              "selection": {k: select_stats.get(k) for k in (
+              "train_flops": trained.flops, "selection_flops": stats["selection_flops"],
+              "selection": {k: stats.get(k) for k in (
                   "selected", "rejected", "carried", "dead_lettered",
                   "mean_batch_score_selected", "mean_batch_score_random")}}
     if cfg.eval_data and ((r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1):
@@ -280,10 +273,24 @@ def _run_round(cfg, paths, r, slices, beam_args) -> dict:
     return record
 
 
+def pass_accounting(layout: formats.Layout, rounds_in_pass: int, steps_per_round: int) -> dict:
+    """How a pass's pool was used: curated by rounds, unused at the pass's end, carried."""
+    S, K = layout.spec.super_batch_size, steps_per_round
+    counts = layout.counts
+    return {"pass": layout.spec.pass_index, "pool": counts["pool"],
+            "excluded_by_reason": counts["excluded_by_reason"], "rounds": rounds_in_pass,
+            "in_rounds": rounds_in_pass * K * S,
+            "unused_super_batches": layout.super_batches - rounds_in_pass * K,
+            "carried": counts["carried"]}
+
+
 def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Optional[str] = None,
-               beam_args=(), progress: Optional[progress_lib.RoundProgress] = None) -> dict:
+               layouts: Optional[str] = None, beam_args=(), score_device: str = "cpu",
+               progress: Optional[progress_lib.RoundProgress] = None) -> dict:
     """Run (or resume) every round of `cfg` under `output`; returns summary.json's contents.
 
+    `reference_embeddings` and `layouts` are shared roots runs may reuse (keyed by what
+    determines them); `score_device` is where the round jobs' learner scoring runs;
     `progress` is called with each round's record as it finishes.
     """
     if cfg.pool is None:
@@ -298,58 +305,64 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     # overwritten, so a run with another reference model is refused, not served its scores.
     paths = _Paths(output, formats.join_url(
         reference_embeddings or formats.join_url(output, "reference_embeddings"),
-        scoring_key(cfg)))
+        scoring_key(cfg)), layouts or formats.join_url(output, "layouts"))
     reference_flops, per_example = 0, {}
     if cfg.method != "hard-learner":
         if cfg.reference_checkpoint is None:
             raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
                              "draws its pool from the reference embeddings)")
         ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
-                     output=paths.reference_embeddings, uids=None, beam_args=beam_args,
+                     output=paths.reference_embeddings, beam_args=beam_args,
                      overwrite=False)
         if cfg.method != "uniform":  # Uniform consults no scores.
             reference_flops = ref["flops_per_example"] * ref["embedded"]
             per_example["reference_scoring"] = ref["flops_per_example"]
-    uids = pool_uids(None if cfg.method == "hard-learner" else paths.reference_embeddings,
-                     cfg.pool)
-    filter_flops = 0
+    keep, filter_flops = None, 0
     if cfg.method == "clip-score":  # The pool is what the filter keeps.
-        kept = clip_score_keep(cfg, paths.reference_embeddings, output)
-        uids, filter_flops = kept["uids"], kept["flops"]
-    slices = plan_slices(uids, seed=hashing.derive_seed(cfg.seed, "passes"),
-                         super_batch_size=cfg.resolved_super_batch_size,
-                         steps_per_round=cfg.steps_per_round, rounds=cfg.rounds)
+        keep = clip_score_stage.run_clip_score_rule(
+            paths.reference_embeddings, formats.join_url(output, "clip_score"),
+            cfg.keep_fraction, beam_args)
+        filter_flops = keep["flops"]
+    passes = _Passes(cfg, paths, keep, beam_args)
+    plan_round(cfg.rounds - 1, super_batches=passes(0).super_batches,
+               steps_per_round=cfg.steps_per_round)  # A pool too small fails here.
     if not formats.exists(train_lib.checkpoint_url(paths.learner(), 0)):
         trainer_cli.train_with_processes(  # Step 0 scores round 0.
             _train_config(cfg, paths, None, 0), cfg.train_processes)
     records = []
     for r in range(cfg.rounds):
         resumed = formats.exists(formats.join_url(_round_dir(output, r), "round.json"))
-        records.append(_run_round(cfg, paths, r, slices, beam_args))
+        records.append(_run_round(cfg, paths, passes, r, beam_args, score_device))
         if progress is not None:
             progress(records[-1], resumed=resumed)
     # Methods that consult the reference pay for training it (jest_curate/ledger.py).
     reference_training = ledger_lib.reference_training_flops(
         cfg.reference_checkpoint, cfg.reference_training_flops) if reference_flops else 0
     scored = [rec for rec in records if rec["scored_examples"]]
-    if scored:  # Measured by the embed stage at the run's scoring settings.
+    if scored:  # Measured by the round job at the run's scoring settings.
         per_example["learner_scoring"] = scored[0]["scoring_flops"] / scored[0]["scored_examples"]
     if records[-1]["examples_seen"]:  # Mean over every step (mixed resolutions included).
         per_example["training"] = records[-1]["train_flops"] / records[-1]["examples_seen"]
+    per_pass = {}
+    for rec in records:
+        per_pass[rec["pass"]] = per_pass.get(rec["pass"], 0) + 1
     summary = {"name": cfg.name, "method": cfg.method, "seed": cfg.seed,
                "flops_per_example": per_example,
                "reference_training_flops": reference_training,
                "reference_scoring_flops": reference_flops,
-               "pool_examples": len(uids), "filter_flops": filter_flops,
-               "passes": records[-1]["pass"] + 1, "rounds": []}
+               "pool_examples": passes(0).counts["pool"], "filter_flops": filter_flops,
+               "passes": records[-1]["pass"] + 1,
+               "pass_accounting": [pass_accounting(passes(p), n, cfg.steps_per_round)
+                                   for p, n in sorted(per_pass.items())],
+               "rounds": []}
     ledgers = ledger_lib.run_ledger(records, reference_training=reference_training,
                                     reference_scoring=reference_flops, filter_flops=filter_flops)
-    scoring = reference_flops + filter_flops
+    scoring_total = reference_flops + filter_flops
     for rec, ledger in zip(records, ledgers):
-        scoring += rec["scoring_flops"]
+        scoring_total += rec["scoring_flops"]
         summary["rounds"].append({
             "round": rec["round"], "examples_seen": rec["examples_seen"],
-            "train_flops": rec["train_flops"], "scoring_flops_cumulative": scoring,
+            "train_flops": rec["train_flops"], "scoring_flops_cumulative": scoring_total,
             "total_flops": ledger["all_in"], "total_flops_amortised": ledger["amortised"],
             "ledger": ledger,
             "staleness_steps": (rec["scored_by"] or {}).get("staleness_steps"),
@@ -363,11 +376,18 @@ def run(argv=None) -> int:
     p.add_argument("--config", required=True, help="run config JSON (see configs/)")
     p.add_argument("--output", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--reference-embeddings", help="shared root for reference embeddings (one directory per scoring settings)")
+    p.add_argument("--layouts", help="shared root for the passes' candidate layouts (one "
+                                     "directory per pool, seed and S)")
+    p.add_argument("--score-device", choices=scoring.DEVICES, default="cpu",
+                   help="where the round jobs' workers score with the learner (cuda on GPU "
+                        "workers)")
     progress_lib.add_verbose_flag(p)
     args, beam_args = options.parse_stage_args(p, argv)
     progress_lib.configure_logging(formats.join_url(args.output, "log.txt"), verbose=args.verbose)
     cfg = formats.read_run_config(args.config)
     summary = run_rounds(cfg, args.output, reference_embeddings=args.reference_embeddings,
-                         beam_args=beam_args, progress=progress_lib.RoundProgress(cfg.rounds))
+                         layouts=args.layouts, beam_args=beam_args,
+                         score_device=args.score_device,
+                         progress=progress_lib.RoundProgress(cfg.rounds))
     print(json.dumps(summary["rounds"][-1]))
     return 0

@@ -13,6 +13,9 @@ STAGES = {
     "embed": ["--corpus", "nowhere", "--model", "jest-vit-micro-28", "--output", "out"],
     "select": ["--corpus", "nowhere", "--output", "out", "--batch-size", "4",
                "--filter-ratio", "0.5", "--method", "uniform"],
+    "layout": ["--corpus", "nowhere", "--output", "out", "--super-batch-size", "8"],
+    "round": ["--layout", "nowhere", "--super-batches", "0:1", "--output", "out",
+              "--batch-size", "4", "--method", "uniform"],
     "rounds": ["--config", "nowhere.json", "--output", "out"],
     "demo": ["--output", "out", "--config", "nowhere.json"],
     "train": ["--model", "jest-vit-micro-28", "--output", "out", "--shards", "nowhere"],
@@ -22,7 +25,9 @@ STAGES = {
 }
 # The typo users made, per command, and the flag it should be suggested as.
 TYPOS = {"ingest": ("--apend", "--append"), "embed": ("--patch-dropuot", "--patch-dropout"),
-         "select": ("--temprature", "--temperature"), "rounds": ("--refrence-embeddings",
+         "select": ("--temprature", "--temperature"),
+         "layout": ("--shard-row", "--shard-rows"), "round": ("--learner-chekpoint",
+                                                              "--learner-checkpoint"), "rounds": ("--refrence-embeddings",
                                                                  "--reference-embeddings"),
          "demo": ("--ful", "--full"), "train": ("--low-res-fracton", "--low-res-fraction"),
          "eval": ("--batch-sise", "--batch-size"), "demo-data": ("--pool-sise", "--pool-size"),
@@ -44,7 +49,8 @@ def test_an_unknown_flag_stops_the_command_naming_the_closest_one(command, tmp_p
     assert not (tmp_path / "out").exists()  # Nothing ran.
 
 
-@pytest.mark.parametrize("command", ["ingest", "embed", "select", "rounds", "demo"])
+@pytest.mark.parametrize("command", ["ingest", "embed", "select", "layout", "round", "rounds",
+                                     "demo"])
 def test_beam_and_dataflow_options_still_pass_through(command, tmp_path, monkeypatch, capsys):
     """Real Beam options get past the check; the command then fails on its missing input."""
     monkeypatch.chdir(tmp_path)
