@@ -31,7 +31,9 @@ at 3 or less where many chosen elements may share a bundle.
 Hook points (`POINTS`): ingest.read, corpus_io.write_shard (after the commit marker,
 before the DoFn emits), embed.embed_batch, embed.write_shard (dead letters committed,
 embeddings not), select.join_shard, select.select_super_batch, select.write_fragment
-and select.assemble_tar (both with a torn partial write), select.write_manifest.
+and select.assemble_tar (both with a torn partial write), select.write_manifest,
+layout.key_shard, layout.route_rows, layout.write_candidates, round.select_shard and
+round.write_tar (with a torn partial write).
 
 Actions: "raise" (default) raises `InjectedFault` out of the DoFn; "hang" blocks the
 worker until it is killed (for kill-and-resume tests; the `.fired` marker tells the
@@ -56,7 +58,9 @@ __all__ = ["ENV_VAR", "POINTS", "InjectedFault", "maybe_fail", "injected", "rese
 ENV_VAR = "JEST_CURATE_FAULTS"
 POINTS = ("ingest.read", "corpus_io.write_shard", "embed.embed_batch", "embed.write_shard",
           "select.join_shard", "select.select_super_batch", "select.write_fragment",
-          "select.assemble_tar", "select.write_manifest")
+          "select.assemble_tar", "select.write_manifest", "layout.key_shard",
+          "layout.route_rows", "layout.write_candidates", "round.select_shard",
+          "round.write_tar")
 _ACTIONS = ("raise", "hang")
 _POINT_KEYS = {"fraction", "after", "limit", "action"}
 

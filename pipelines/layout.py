@@ -147,8 +147,9 @@ class _KeyShard(beam.DoFn):
         bucket = (hashes >> np.uint64(64 - self._bits)).astype(np.int64) if self._bits \
             else np.zeros(len(keys), np.int64)
         beam.metrics.Metrics.counter(_NAMESPACE, "pool").inc(len(keys))
-        yield beam.pvalue.TaggedOutput("counts", np.bincount(bucket, minlength=1 << self._bits))
-        yield beam.pvalue.TaggedOutput("excluded", {"rows": len(uids), **excluded})
+        yield beam.pvalue.TaggedOutput("counts", {
+            "histogram": np.bincount(bucket, minlength=1 << self._bits), "rows": len(uids),
+            **{f"excluded:{k}": v for k, v in excluded.items()}})
         table = pa.table({"uid": pa.array(keys, pa.string()),
                           "corpus_shard": pa.array([shard.shard_id] * len(keys), pa.string()),
                           "corpus_row": pa.array(rows, pa.int64()),
@@ -166,6 +167,7 @@ class _RankBucket(beam.DoFn):
 
     def process(self, element, counts) -> Iterable[Any]:
         bucket, parts = element
+        counts = counts["histogram"]
         S, G = self._spec.super_batch_size, self._spec.shard_super_batches
         keys = pa.concat_tables(parts)
         uids = keys.column("uid").to_pylist()
@@ -239,6 +241,7 @@ class _WriteCandidates(beam.DoFn):
 
     def process(self, element, counts):
         candidate, parts = element
+        counts = counts["histogram"]
         spec = self._spec
         S, G = spec.super_batch_size, spec.shard_super_batches
         faults.maybe_fail("layout.write_candidates", (spec.pass_index, candidate))
@@ -264,11 +267,15 @@ class _WriteCandidates(beam.DoFn):
                                      super_batches=count)
 
 
+def _identity(x):
+    return x
+
+
 def _merge_counts(dicts) -> dict:
     total = {}
     for d in dicts:
         for k, v in d.items():
-            total[k] = total.get(k, 0) + v
+            total[k] = total[k] + v if k in total else v
     return total
 
 
@@ -276,12 +283,12 @@ class _Commit(beam.DoFn):
     def __init__(self, spec: formats.LayoutSpec, output: str):
         self._spec, self._output = spec, output
 
-    def process(self, _, shards, carried, excluded, counts):
+    def process(self, _, shards, carried, counts):
         spec, out = self._spec, self._output
         S = spec.super_batch_size
-        excluded = _merge_counts(excluded)
-        pool_rows = excluded.pop("rows", 0)
-        pool = int(counts.sum())
+        excluded = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("excluded:")}
+        pool_rows = counts["rows"]
+        pool = int(counts["histogram"].sum())
         carried = (pa.concat_tables(carried).sort_by("rank") if carried
                    else formats.CARRIED_SCHEMA.empty_table())
         shards = sorted(shards, key=lambda s: s.first_super_batch)
@@ -319,24 +326,27 @@ class LayoutPass(beam.PTransform):
                  | "PoolShards" >> beam.FlatMap(formats.list_shards)  # The index, on a worker.
                  | "Spread" >> beam.Reshuffle()
                  | "KeyShards" >> beam.ParDo(_KeyShard(spec, self._bits))
-                 .with_outputs("counts", "excluded", main="keys"))
-        histogram = beam.pvalue.AsSingleton(
-            keyed.counts | "Histogram" >> beam.CombineGlobally(tables.sum_arrays))
+                 .with_outputs("counts", main="keys"))
+        # Bucket histogram, rows and exclusions by reason, summed over the pool's shards.
+        counts = beam.pvalue.AsSingleton(
+            keyed.counts | "Counts" >> beam.CombineGlobally(_merge_counts).without_defaults())
         ranked = (keyed.keys
                   | "GroupByBucket" >> beam.GroupByKey()
-                  | "RankBuckets" >> beam.ParDo(_RankBucket(spec), histogram)
+                  | "RankBuckets" >> beam.ParDo(_RankBucket(spec), counts)
                   .with_outputs("carried", main="assigned"))
         written = (ranked.assigned
                    | "GroupByCorpusShard" >> beam.CombinePerKey(tables.ConcatTables())
                    | "RouteRows" >> beam.ParDo(_RouteRows(spec))
                    | "GroupByCandidateShard" >> beam.CombinePerKey(tables.ConcatTables())
                    | "WriteCandidates" >> beam.ParDo(_WriteCandidates(spec, self._output),
-                                                     histogram))
+                                                     counts))
+        # BundleBasedDirectRunner (Beam 2.77) misroutes a tagged output read directly as a
+        # side input; a step in between keeps it correct on every runner.
+        carried = ranked.carried | "Carried" >> beam.Map(_identity)
         return (pbegin
                 | "Once" >> beam.Create([None])
                 | "Commit" >> beam.ParDo(_Commit(spec, self._output), beam.pvalue.AsList(written),
-                                         beam.pvalue.AsList(ranked.carried),
-                                         beam.pvalue.AsList(keyed.excluded), histogram))
+                                         beam.pvalue.AsList(carried), counts))
 
 
 def _remove(url: str) -> None:

@@ -20,6 +20,7 @@ import torch
 from jest_curate import demo_data
 from jest_curate import formats
 from pipelines import faults
+from pipelines import round_job
 from pipelines import rounds
 from tests.conftest import torch_threads
 from tests.test_reliability_faults import pytestmark  # noqa: F401 (needs Fashion-MNIST)
@@ -134,7 +135,8 @@ def test_trainer_sigkilled_mid_round_resumes_bit_for_bit(demo):
 
 def _digests(out: Path) -> dict:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "rounds").rglob("*")) if p.is_file()}
+            for p in sorted((out / "rounds").rglob("*"))
+            if p.is_file() and p.name != round_job.METRICS}  # Measured seconds vary.
 
 
 def test_rounds_killed_mid_shard_resume_to_the_uninterrupted_outputs(demo):
@@ -154,10 +156,10 @@ def test_rounds_killed_mid_shard_resume_to_the_uninterrupted_outputs(demo):
     out_a, out_b = root / "rounds_a", root / "rounds_b"
     rounds.run_rounds(cfg, str(out_a), reference_embeddings=ref_emb, beam_args=BEAM)
 
-    # Round 1's select stage hangs while writing its first tar (half of it is on disk).
+    # Round 1's job hangs while writing its first tar (half of it is on disk).
     markers = root / "markers"
     plan = {"dir": str(markers), "seed": 0, "points": {
-        "select.assemble_tar": {"after": 1, "limit": 1, "action": "hang"}}}
+        "round.write_tar": {"after": 1, "limit": 1, "action": "hang"}}}
     argv = _cli("rounds", "--config", str(config), "--output", str(out_b),
                 "--reference-embeddings", ref_emb, *BEAM)
     _kill_when(_start(argv, **{faults.ENV_VAR: json.dumps(plan)}),
@@ -165,7 +167,6 @@ def test_rounds_killed_mid_shard_resume_to_the_uninterrupted_outputs(demo):
     selection = out_b / "rounds" / "r0001" / "selection"
     torn = (selection / "shards" / "00000.tar").read_bytes()
     assert not torn.endswith(formats.TAR_END)  # Killed mid-shard...
-    assert list((selection / "_work" / "fragments").glob("*.bin"))
     assert not (selection / "_SUCCESS").exists()  # ...so the stage is not committed,
     assert (out_b / "rounds" / "r0000" / "round.json").exists()  # but round 0 is.
     assert not (out_b / "rounds" / "r0001" / "round.json").exists()
@@ -182,8 +183,8 @@ def test_rounds_killed_mid_shard_resume_to_the_uninterrupted_outputs(demo):
         stats = formats.read_json(str(out_b / "rounds" / f"r{r:04d}" / "selection" /
                                       "stats.json"))
         assert stats["selected"] == cfg.batch_size * cfg.steps_per_round
-        assert (stats["selected"] + stats["rejected"] + stats["carried"]
-                + stats["outside_slice"] + stats["dead_lettered"]) == stats["seen"]
+        assert (stats["selected"] + stats["rejected"] + stats["dead_lettered"]
+                == stats["seen"] == cfg.super_batch_size * cfg.steps_per_round)
     summary_a = formats.read_json(str(out_a / "summary.json"))
     summary_b = formats.read_json(str(out_b / "summary.json"))
     assert summary_a == summary_b
