@@ -429,19 +429,24 @@ class _AssembleTar(beam.DoFn):
         pieces = sorted((order, url, offset, length) for url, items in parts
                         for order, offset, length in items)
         data = bytearray()
-        cache = {}
-        for _, url, offset, length in pieces:
-            if url not in cache:  # Fragments are small: the selected part of one shard.
-                with formats.fsspec.open(url, "rb") as f:
-                    cache[url] = f.read()
-            data += cache[url][offset:offset + length]
+        files = {}
+        try:  # Each piece is read by its byte range: no fragment is held whole.
+            for _, url, offset, length in pieces:
+                if url not in files:
+                    files[url] = formats.fsspec.open(url, "rb").open()
+                files[url].seek(offset)
+                data += files[url].read(length)
+        finally:
+            for f in files.values():
+                f.close()
         data += formats.TAR_END
         name = _tar_name(tar_index)
         url = formats.join_url(self._cfg.output, "shards", name)
         faults.maybe_fail("select.assemble_tar", (self._cfg.round, tar_index),
                           partial_write=(url, data))
         formats.write_bytes_atomic(url, bytes(data))
-        yield {"sizes": {name: len(pieces)}}
+        yield {"sizes": {name: len(pieces)},
+               "sha256": {f"shards/{name}": hashing.sha256_bytes(bytes(data))}}
 
 
 class WriteCuratedShards(beam.PTransform):
@@ -476,12 +481,13 @@ class _WriteManifestShard(beam.DoFn):
         rows = table.column("row").to_numpy()
         if len(np.unique(rows)) != len(rows):
             raise RuntimeError(f"corpus shard {shard_id}: an example was decided twice")
-        formats.write_shard(formats.join_url(self._output, "manifest"), shard_id,
-                            table.drop_columns(["shard_id", "row"]),
-                            schema=formats.MANIFEST_SCHEMA)
+        info = formats.write_shard(formats.join_url(self._output, "manifest"), shard_id,
+                                   table.drop_columns(["shard_id", "row"]),
+                                   schema=formats.MANIFEST_SCHEMA)
         reasons = table.column("reason").to_pylist()
         yield {"reasons": {r: reasons.count(r) for r in set(reasons)},
-               "manifest_rows": {shard_id: len(rows)}}
+               "manifest_rows": {shard_id: len(rows)},
+               "sha256": {f"manifest/{shard_id}.parquet": info.sha256}}
 
 
 class WriteManifest(beam.PTransform):
@@ -502,10 +508,11 @@ class WriteManifest(beam.PTransform):
 
 def _merge_reports(reports) -> dict:
     merged = {"sizes": {}, "reasons": {}, "manifest_rows": {}, "batch_scores": [],
-              "selection_flops": 0}
+              "selection_flops": 0, "sha256": {}}
     for r in reports:
         merged["selection_flops"] += r.get("selection_flops", 0)
         merged["sizes"].update(r.get("sizes", {}))
+        merged["sha256"].update(r.get("sha256", {}))
         merged["manifest_rows"].update(r.get("manifest_rows", {}))
         for k, v in r.get("reasons", {}).items():
             merged["reasons"][k] = merged["reasons"].get(k, 0) + v
@@ -551,10 +558,12 @@ class _Commit(beam.DoFn):
         out = cfg.output
         formats.write_json_atomic(formats.join_url(out, "shards", "sizes.json"), sizes)
         formats.write_json_atomic(formats.join_url(out, "stats.json"), stats)
-        files = [f"shards/{n}" for n in sizes] + ["shards/sizes.json", "stats.json"] + \
-            [f"manifest/{s}.parquet" for s in sorted(report["manifest_rows"])]
         _remove(formats.join_url(out, "_work"))
-        shas = {f: formats.sha256_file(formats.join_url(out, f)) for f in files}
+        # Tars and manifest shards were hashed as they were written; only the small
+        # JSON files are read back.
+        shas = dict(report["sha256"])
+        for name in ("shards/sizes.json", "stats.json"):
+            shas[name] = formats.sha256_file(formats.join_url(out, name))
         manifest = formats.join_url(out, "manifest")
         formats.write_index(manifest, [formats.ShardInfo(
             shard_id=s, url=formats.join_url(manifest, f"{s}.parquet"), num_rows=n,
