@@ -208,3 +208,14 @@ def test_learner_dead_letters_are_recorded_and_the_rest_selected(tmp_path):
     manifest = formats.read_shard(formats.list_shards(os.path.join(out, "manifest"))[0])
     dead = [r for r in manifest.to_pylist() if r["reason"].startswith("dead_letter:")]
     assert len(dead) == 1 and dead[0]["uid"] == table.column("uid")[0].as_py()
+
+
+def test_a_layout_killed_mid_write_reruns_to_the_same_bytes(pool, tmp_path):
+    root, corpus, ref, spec, lay = pool
+    out = str(tmp_path / "p0")
+    plan = {"dir": str(tmp_path / "faults"), "points": {"layout.write_candidates": {
+        "after": 1, "limit": 1}}}
+    with faults.injected(plan), pytest.raises(Exception, match="InjectedFault|injected"):
+        layout.run_layout(spec, out, BEAM)
+    assert not os.path.exists(os.path.join(out, formats.LAYOUT_FILE))  # Not committed.
+    assert _digests(layout.run_layout(spec, out, BEAM).root) == _digests(lay.root)

@@ -54,7 +54,7 @@ def _tiny_rounds_config(scratch: Path) -> None:
 def test_the_walkthrough_names_every_stage():
     stages = [shlex.split(c)[1] for c in readme_walkthrough()]
     assert stages[0] == "demo-data" and stages[-1] == "rounds"
-    assert {"ingest", "train", "embed", "select", "eval"} <= set(stages)
+    assert {"ingest", "train", "embed", "layout", "round", "eval"} <= set(stages)
 
 
 def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, one_thread, capsys):
@@ -65,7 +65,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, one_threa
         code = cli.main(argv)
         assert code == 0, f"{command}\n{capsys.readouterr().err[-2000:]}"
     selected = json.loads((tmp_path / "runs/r0/stats.json").read_text())
-    assert selected["selected"] == 3 * 64  # Three super-batches of S = 320 in 1216 rows.
+    assert selected["selected"] == 3 * 64  # Super-batches 0-2 of S = 320 (1216 rows).
     assert (tmp_path / "runs/learner/checkpoints/step_00000003.pt").exists()
     for r in range(2):  # Both rounds of the tiny rounds config finished.
         assert (tmp_path / f"runs/jest/rounds/r{r:04d}/round.json").exists()

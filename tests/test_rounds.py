@@ -328,3 +328,20 @@ def test_rounds_train_with_two_processes(setup, finished):
     selection = os.path.join("rounds", "r0000", "selection")
     digests_a, digests_b = _digests(out_a, (selection,)), _digests(out_b, (selection,))
     assert digests_a and digests_a == digests_b
+
+
+def test_rescoring_every_two_rounds_scores_both_with_one_checkpoint(setup, finished):
+    """One round job per period: round 1 is scored by step 0's learner, K steps stale."""
+    root, _, cfg = setup
+    out = str(root / "run_k2")
+    rounds.run_rounds(dataclasses.replace(cfg, rescore_every=2), out, beam_args=BEAM,
+                      reference_embeddings=str(root / "ref_emb"),
+                      layouts=str(root / "run_a" / "layouts"))  # The same passes, reused.
+    scored = [formats.read_json(os.path.join(out, "rounds", f"r{r:04d}", "scored_by.json"))
+              for r in range(2)]
+    assert [s["checkpoint_step"] for s in scored] == [0, 0]
+    assert [s["staleness_steps"] for s in scored] == [0, cfg.steps_per_round]
+    # Round 0 is the same selection as the every-round run's; round 1 is not re-scored.
+    selection = os.path.join("rounds", "r0000", "selection")
+    assert _digests(out, (selection,)) == _digests(finished[0], (selection,))
+    assert not os.path.exists(os.path.join(out, "layouts"))
