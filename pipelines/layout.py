@@ -71,20 +71,25 @@ def bucket_bits(pool_rows: int) -> int:
     return max(0, math.ceil(math.log2(buckets)))
 
 
+def pool_version(pool: str) -> str:
+    """Identifies the rows a corpus holds (from its index: one read, per-shard entries)."""
+    shards = formats.list_shards(pool)
+    if not shards:
+        raise FileNotFoundError(f"{pool}: no committed corpus shards")
+    return hashing.blake2b_fields(*(f for s in shards for f in (
+        s.shard_id, s.num_rows, s.version)), digest_size=32).hex()
+
+
 def layout_spec(*, pool: str, reference: Optional[str], seed: int, pass_index: int,
                 super_batch_size: int, shard_rows: int = 4096,
                 keep: Optional[dict] = None) -> formats.LayoutSpec:
     """The spec of a pass over `pool`; reads two small files (the indexes' identities)."""
     if super_batch_size < 1:
         raise ValueError(f"super-batch size must be >= 1, got {super_batch_size}")
-    shards = formats.list_shards(pool)  # Its index: one read.
-    if not shards:
-        raise FileNotFoundError(f"{pool}: no committed corpus shards")
-    pool_version = hashing.blake2b_fields(*(f for s in shards for f in (
-        s.shard_id, s.num_rows, s.version)), digest_size=32).hex()
+    version = pool_version(pool)
     digest = formats.read_model_card(reference).model_digest if reference else None
     return formats.LayoutSpec(
-        pool=pool, pool_version=pool_version, reference=reference, reference_digest=digest,
+        pool=pool, pool_version=version, reference=reference, reference_digest=digest,
         seed=seed, pass_index=pass_index, super_batch_size=super_batch_size,
         shard_super_batches=max(1, shard_rows // super_batch_size), keep=keep)
 

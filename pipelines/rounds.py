@@ -108,6 +108,28 @@ def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
     return {"flops_per_example": card.flops_per_example, "embedded": stats["embedded"]}
 
 
+def _reference(cfg: formats.RunConfig, paths: _Paths, beam_args) -> dict:
+    """The reference's embeddings of the pool, embedded once (cached by the embed stage).
+
+    A resumed run whose pool and reference are what it recorded skips even the embed
+    stage's cache check (which reads every embeddings shard to verify its bytes): a
+    restart costs O(shards), not O(pool).
+    """
+    marker = formats.join_url(paths.output, "reference.json")
+    want = {"embeddings": paths.reference_embeddings, "checkpoint": cfg.reference_checkpoint,
+            "checkpoint_sha256": formats.sha256_file(cfg.reference_checkpoint),
+            "pool_version": layout_stage.pool_version(cfg.pool)}
+    if formats.exists(marker) and formats.exists(
+            formats.join_url(paths.reference_embeddings, formats.INDEX)):
+        recorded = formats.read_json(marker)
+        if {k: recorded.get(k) for k in want} == want:
+            return {k: recorded[k] for k in ("flops_per_example", "embedded")}
+    ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
+                 output=paths.reference_embeddings, beam_args=beam_args, overwrite=False)
+    formats.write_json_atomic(marker, {**want, **ref})
+    return ref
+
+
 def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
                   stop: int) -> train_lib.TrainConfig:
     return train_lib.TrainConfig(
@@ -311,9 +333,7 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
         if cfg.reference_checkpoint is None:
             raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
                              "draws its pool from the reference embeddings)")
-        ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
-                     output=paths.reference_embeddings, beam_args=beam_args,
-                     overwrite=False)
+        ref = _reference(cfg, paths, beam_args)
         if cfg.method != "uniform":  # Uniform consults no scores.
             reference_flops = ref["flops_per_example"] * ref["embedded"]
             per_example["reference_scoring"] = ref["flops_per_example"]

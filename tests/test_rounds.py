@@ -345,3 +345,18 @@ def test_rescoring_every_two_rounds_scores_both_with_one_checkpoint(setup, finis
     selection = os.path.join("rounds", "r0000", "selection")
     assert _digests(out, (selection,)) == _digests(finished[0], (selection,))
     assert not os.path.exists(os.path.join(out, "layouts"))
+
+
+def test_a_restart_reads_no_per_example_state(setup, finished, monkeypatch):
+    """Resuming a finished run touches indexes and markers only: no embed cache check over
+    every embeddings shard, no layout, no selection."""
+    root, _, cfg = setup
+    out, summary = finished
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a restart ran a Beam stage")
+
+    monkeypatch.setattr(rounds.layout_stage.beam, "Pipeline", refuse)  # Any Beam job.
+    again = rounds.run_rounds(cfg, out, beam_args=BEAM,
+                              reference_embeddings=str(root / "ref_emb"))
+    assert again == summary
