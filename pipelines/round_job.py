@@ -219,18 +219,10 @@ class _SelectShard(beam.DoFn):
 
     def _embed(self, rows: pa.Table):
         """Learner embeddings of every row ([n, d] fp16; failures' rows are zero)."""
-        n, step = rows.num_rows, self._cfg.scoring_batch_size
-        d = int(self._learner_card.model_cfg["embed_dim"])
-        image, text = np.zeros((n, d), np.float16), np.zeros((n, d), np.float16)
-        failed = []
-        images, captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
-        uids = rows.column("uid").to_pylist()
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            out = self._scorer.embed(images[start:stop], captions[start:stop], uids[start:stop])
-            image[start + out.rows], text[start + out.rows] = out.image, out.text
-            failed += [(start + i, reason) for i, reason, _ in out.failures]
-        return image, text, failed
+        return scoring.embed_rows(self._scorer, rows.column("image").to_pylist(),
+                                  rows.column("caption").to_pylist(),
+                                  rows.column("uid").to_pylist(),
+                                  batch_size=self._cfg.scoring_batch_size)
 
     def _select(self, round_: int, rows: pa.Table, valid: np.ndarray, dead: np.ndarray,
                 pairs: dict):
