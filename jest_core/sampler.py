@@ -45,6 +45,7 @@ METHODS = ("jest", "easy-reference", "hard-learner", "independent", "independent
            "uniform")
 _JOINT_KINDS = {"jest": "learnability", "easy-reference": "easy_reference",
                 "hard-learner": "hard_learner"}
+JOINT_METHODS = tuple(_JOINT_KINDS)  # Drawn in N chunks: they need N <= b.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 # The embeddings each method scores with; the select stage, the round job and the
 # trainer's online selection all read it here.
