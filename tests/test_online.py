@@ -275,3 +275,13 @@ def test_two_processes_select_their_halves_and_account_every_candidate_once(pass
             mine = formats.read_shard(str(step)).replace_schema_metadata(None)
             assert mine.equals(rows.slice(k * S // 2, S // 2)), (sb, k)
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == stop - first
+
+
+def test_the_trainer_imports_neither_beam_nor_pipelines():
+    """Online selection shares the round job's code through training/, not pipelines/."""
+    code = ("import sys, training.main; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('apache_beam', 'pipelines')]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -183,8 +183,9 @@ class OnlineSource:
     def __init__(self, cfg: OnlineConfig, *, batch_size: int, model: torch.nn.Module,
                  model_name: str, model_cfg: dict, world: Optional[World] = None):
         self.cfg, self.world = cfg, world or World()
-        self.url, self.batch_size, self.num_batches = source_url(cfg), batch_size, \
-            cfg.super_batches
+        self.url = source_url(cfg)
+        self.batch_size = batch_size  # b, the global batch.
+        self.num_batches = cfg.super_batches  # One per step.
         self.layout = formats.read_layout(cfg.layout)
         S, n = self.layout.spec.super_batch_size, self.world.size
         self.super_batch_size = S
