@@ -251,6 +251,7 @@ def train_main(argv=None) -> int:
             # `--nproc` for its own --nproc-per-node, and they know they are distributed.
             return distributed.launch(args.nproc, ["train", *train_argv(config)])
         result = train_lib.train(config)
+        distributed.shutdown()  # Every rank is past its last collective.
     except _USER_ERRORS + (ValueError,) as e:
         print(f"jest-curate train: error: {e}", file=sys.stderr)
         return 2
