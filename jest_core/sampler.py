@@ -45,7 +45,13 @@ METHODS = ("jest", "easy-reference", "hard-learner", "independent", "independent
            "uniform")
 _JOINT_KINDS = {"jest": "learnability", "easy-reference": "easy_reference",
                 "hard-learner": "hard_learner"}
+JOINT_METHODS = tuple(_JOINT_KINDS)  # Drawn in N chunks: they need N <= b.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+# The embeddings each method scores with; the select stage, the round job and the
+# trainer's online selection all read it here.
+NEEDS = {"jest": ("reference", "learner"), "independent": ("reference", "learner"),
+         "independent-topk": ("reference", "learner"), "easy-reference": ("reference",),
+         "hard-learner": ("learner",), "uniform": ()}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,6 +83,13 @@ def score_kind(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     return _JOINT_KINDS.get(method, "learnability")
+
+
+def needed_embeddings(method: str) -> tuple:
+    """The embeddings ("reference", "learner") a method scores with."""
+    if method not in NEEDS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(NEEDS)}")
+    return NEEDS[method]
 
 
 def super_batch_size(batch_size: int, filter_ratio: float) -> int:

@@ -34,12 +34,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
 from jest_core import sampler
-from jest_core import scores
 from jest_curate import formats
 from jest_curate import hashing
 from pipelines import faults, options
 from pipelines import select as select_stage
 from training import scoring
+from training import selection
 from training.flops import StepFlops
 
 __all__ = ["RoundSlice", "RoundJobConfig", "SelectRounds", "run_round_job", "run"]
@@ -89,6 +89,12 @@ class RoundJobConfig:
     def needs(self) -> tuple:
         return select_stage.needed_embeddings(self.method)
 
+    @property
+    def settings(self) -> selection.SelectionSettings:
+        return selection.SelectionSettings(
+            method=self.method, batch_size=self.batch_size, chunks=self.chunks,
+            temperature=self.temperature, seed=self.seed, compute_dtype=self.compute_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class _WorkItem:
@@ -122,18 +128,6 @@ class _PlanWork(beam.DoFn):
         for i, shard in enumerate(layout.shards_between(first, stop)):
             yield _WorkItem(piece, i, shard, max(first, shard.first_super_batch),
                             min(stop, shard.stop_super_batch))
-
-
-def _embeddings_pair(image: np.ndarray, text: np.ndarray,
-                     card: formats.ModelCard) -> scores.EmbeddingPair:
-    return scores.EmbeddingPair(image=torch.from_numpy(image.astype(np.float32)),
-                                text=torch.from_numpy(text.astype(np.float32)),
-                                logit_scale=card.logit_scale, logit_bias=card.logit_bias)
-
-
-def _nullable(values: torch.Tensor) -> pa.Array:
-    v = values.float().numpy()
-    return pa.array(v, pa.float32(), mask=np.isnan(v))
 
 
 class _SelectShard(beam.DoFn):
@@ -227,86 +221,19 @@ class _SelectShard(beam.DoFn):
 
     def _embed(self, rows: pa.Table):
         """Learner embeddings of every row ([n, d] fp16; failures' rows are zero)."""
-        n, step = rows.num_rows, self._cfg.scoring_batch_size
-        d = int(self._learner_card.model_cfg["embed_dim"])
-        image, text = np.zeros((n, d), np.float16), np.zeros((n, d), np.float16)
-        failed = []
-        images, captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
-        uids = rows.column("uid").to_pylist()
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            out = self._scorer.embed(images[start:stop], captions[start:stop], uids[start:stop])
-            image[start + out.rows], text[start + out.rows] = out.image, out.text
-            failed += [(start + i, reason) for i, reason, _ in out.failures]
-        return image, text, failed
+        return scoring.embed_rows(self._scorer, rows.column("image").to_pylist(),
+                                  rows.column("caption").to_pylist(),
+                                  rows.column("uid").to_pylist(),
+                                  batch_size=self._cfg.scoring_batch_size)
 
     def _select(self, round_: int, rows: pa.Table, valid: np.ndarray, dead: np.ndarray,
                 pairs: dict):
         """One super-batch → (manifest table, chosen candidate indices in selection order,
-        batch scores, selection FLOPs)."""
-        cfg = self._cfg
-        S = rows.num_rows
-        pass_index = int(rows.column("pass")[0].as_py())
-        sb = int(rows.column("super_batch")[0].as_py())
-        idx = np.flatnonzero(valid)
-        chunk, position = np.full(S, -1, np.int32), np.full(S, -1, np.int32)
-        score = np.full(S, np.nan, np.float32)
-        losses = {role: np.full(S, np.nan, np.float32) for role in ("learner", "reference")}
-        reason = np.where(valid, "rejected", dead).astype(object)
-        chosen, batch_scores, flops = np.zeros(0, np.int64), [], 0
-        if len(idx) < cfg.batch_size:  # Learner dead letters left too few to choose from.
-            reason[idx] = "dead_letter:too_few_candidates"
-        else:
-            inputs = scores.ScoringInputs(
-                learner=self._pair(pairs, "learner", idx), reference=self._pair(
-                    pairs, "reference", idx), num_examples=len(idx))
-            generator = torch.Generator().manual_seed(
-                hashing.derive_seed(cfg.seed, "select", pass_index, sb))
-            shapes = tuple(tuple(p.image.shape) for p in (inputs.learner, inputs.reference)
-                           if p is not None)
-            picked, flops = self._flops.run(shapes, lambda: sampler.select(
-                inputs, method=cfg.method, batch_size=cfg.batch_size, num_chunks=cfg.chunks,
-                temperature=cfg.temperature, generator=generator,
-                compute_dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32))
-            chosen = idx[picked.indices.numpy()]
-            reason[chosen] = "selected"
-            chunk[chosen] = picked.chunk.numpy()
-            position[chosen] = np.arange(len(chosen), dtype=np.int32)
-            score[chosen] = picked.score.numpy()
-            losses["learner"][idx] = picked.learner_loss_diag.float().numpy()
-            losses["reference"][idx] = picked.reference_loss_diag.float().numpy()
-            batch_scores = self._batch_scores(inputs, picked, generator)
-        selected = reason == "selected"
-        table = pa.table({
-            "uid": rows.column("uid"), "round": np.full(S, round_, np.int32),
-            "super_batch": np.full(S, sb, np.int64), "selected": selected,
-            "reason": reason.tolist(), "chunk": pa.array(chunk, mask=~selected),
-            "position": pa.array(position, mask=~selected),
-            "score": pa.array(score, mask=~selected),
-            "learner_loss": pa.array(losses["learner"], mask=np.isnan(losses["learner"])),
-            "reference_loss": pa.array(losses["reference"],
-                                       mask=np.isnan(losses["reference"])),
-            "pass": np.full(S, pass_index, np.int32), "corpus_shard": rows.column("corpus_shard"),
-            "corpus_row": rows.column("corpus_row")})
-        return table, chosen, batch_scores, flops
-
-    @staticmethod
-    def _pair(pairs: dict, role: str, idx: np.ndarray) -> Optional[scores.EmbeddingPair]:
-        if role not in pairs:
-            return None
-        image, text, card = pairs[role]
-        return _embeddings_pair(image[idx], text[idx], card)
-
-    def _batch_scores(self, inputs, picked, generator) -> list:
-        kind = sampler.score_kind(self._cfg.method)
-        try:
-            scores.signed_models(inputs, kind=kind)
-        except ValueError:  # uniform without embeddings: nothing to score.
-            return []
-        return [(scores.batch_score(inputs, picked.indices, kind=kind),
-                 scores.mean_random_batch_score(inputs, kind=kind,
-                                                batch_size=self._cfg.batch_size,
-                                                num_samples=1, generator=generator))]
+        batch scores, selection FLOPs); training.selection, as the trainer's online mode."""
+        picked = selection.select_super_batch(rows, round_=round_, valid=valid, dead=dead,
+                                              pairs=pairs, settings=self._cfg.settings,
+                                              flops=self._flops)
+        return picked.manifest, picked.chosen, picked.batch_scores, picked.flops
 
     def _blobs(self, rows: pa.Table, chosen: np.ndarray, manifest: pa.Table) -> list:
         """The chosen candidates' tar bytes, in selection order."""

@@ -48,16 +48,12 @@ __all__ = ["SelectConfig", "JoinEmbeddings", "AssignSuperBatches", "SelectSubBat
 
 _NAMESPACE = "jest_curate.select"
 _BUCKET_TARGET_ROWS = 16384
-_NEEDS = {"jest": ("reference", "learner"), "independent": ("reference", "learner"),
-          "independent-topk": ("reference", "learner"), "easy-reference": ("reference",),
-          "hard-learner": ("learner",), "uniform": ()}
+_NEEDS = sampler.NEEDS
 
 
 def needed_embeddings(method: str) -> tuple:
     """The embeddings ("reference", "learner") a method scores with."""
-    if method not in _NEEDS:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(_NEEDS)}")
-    return _NEEDS[method]
+    return sampler.needed_embeddings(method)
 
 
 @dataclasses.dataclass(frozen=True)

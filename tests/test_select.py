@@ -37,11 +37,13 @@ def _card(name):
                              preprocess=pre)
 
 
-def make_corpus(root, *, shards=(60, 50, 47), noisy_every=2, missing=()):
+def make_corpus(root, *, shards=(60, 50, 47), noisy_every=2, missing=(), undecodable=()):
     """A corpus whose odd examples have captions unrelated to their image.
 
     The reference model "knows" this (its text embedding of a noisy caption is far from
-    the image); the learner is untrained (random embeddings). Returns the noisy uids.
+    the image); the learner is untrained (random embeddings). The images of the uids in
+    `undecodable` are not images (a learner that embeds them dead-letters them). Returns
+    the noisy uids.
     """
     rng = np.random.default_rng(0)
     corpus, ref, lrn = (os.path.join(root, x) for x in ("corpus", "ref", "lrn"))
@@ -52,7 +54,9 @@ def make_corpus(root, *, shards=(60, 50, 47), noisy_every=2, missing=()):
     for s, size in enumerate(shards):
         uids = [f"{n + i:06x}" for i in range(size)]
         table = pa.table({
-            "uid": uids, "image": [_png(n + i) for i in range(size)],
+            "uid": uids,
+            "image": [b"not an image" if u in undecodable else _png(n + i)
+                      for i, u in enumerate(uids)],
             "image_format": ["png"] * size, "caption": [f"caption {u}" for u in uids],
             "source": ["test"] * size, "source_location": [f"s{s}:{i}" for i in range(size)],
             "url": [f"http://example.invalid/{u}" for u in uids], "license": [None] * size})

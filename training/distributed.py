@@ -18,7 +18,7 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "world_from_env", "launch"]
+__all__ = ["World", "world_from_env", "shutdown", "launch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,17 @@ def world_from_env(device_type: str) -> World:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size(),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (call once every rank is done).
+
+    A gloo process that exits without this can abort in the interpreter's teardown
+    ("terminate called without an active exception", SIGABRT) while its worker threads
+    still hold work, failing a run that finished.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:

@@ -6,6 +6,11 @@
     # Learner on curated WebDataset shards, in the order selection wrote them:
     jest-curate train --shards runs/jest/round_000/shards --model jest-vit-tiny-32 \\
         --output runs/jest/learner --steps 3000 --stop-at-step 1000 --resume
+    # Online selection (JEST as the paper runs it): every step scores super-batch
+    # FIRST + t of a pass layout with the live weights and trains on the b it selects:
+    jest-curate train --online-layout runs/jest/passes/000 --online-super-batches 0:1000 \
+        --online-output runs/jest/round_000/selection --model jest-vit-tiny-32 \
+        --output runs/jest/learner --steps 3000 --stop-at-step 1000 --batch-size 64 --resume
     jest-curate eval --checkpoint runs/reference --eval-data demo/eval --output ref.json
 """
 import argparse
@@ -17,11 +22,14 @@ import sys
 
 import torch
 
+from jest_core import sampler
 from jest_curate import flags, formats
 from training import data as data_lib
 from training import distributed
 from training import evaluate
 from training import model as model_lib
+from training import online as online_lib
+from training import scoring
 from training import train as train_lib
 
 __all__ = ["parse_train_args", "train_main", "parse_eval_args", "eval_main"]
@@ -80,11 +88,76 @@ def parse_train_args(argv):
                         "GPU, gloo on CPU). The global batch stays --batch-size.")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    g = p.add_argument_group(
+        "online selection", "Instead of --shards: every step scores a super-batch of a pass "
+        "layout with the current weights (S learner forward passes) and trains on the "
+        "--batch-size examples it selects, writing the round's manifest as the round job does.")
+    g.add_argument("--online-layout", default=None,
+                   help="The pass layout to select from (jest-curate layout's output).")
+    g.add_argument("--online-super-batches", default=None, metavar="FIRST:STOP",
+                   help="The round's super-batches of the pass, one per step, from this "
+                        "call's first step (or its resume point) on.")
+    g.add_argument("--online-output", default=None,
+                   help="The round's selection directory (manifest/, stats.json, _SUCCESS).")
+    # Defaults (None here) are OnlineConfig's: 0, jest, 16, 1.0, 0, trained size, 0.0,
+    # fp32, fp32, 256.
+    g.add_argument("--online-round", type=int, help="The round the manifest records.")
+    g.add_argument("--online-method", choices=sorted(sampler.NEEDS))
+    g.add_argument("--online-chunks", type=int, help="N chunks per sub-batch.")
+    g.add_argument("--online-temperature", type=float)
+    g.add_argument("--online-seed", type=int,
+                   help="Selection seed (the round job's --seed; not the trainer's --seed).")
+    g.add_argument("--online-image-size", type=int,
+                   help="Learner scoring resolution (default: the trained one).")
+    g.add_argument("--online-patch-dropout", type=float,
+                   help="Fraction of image patches dropped when scoring.")
+    g.add_argument("--online-precision", choices=scoring.PRECISIONS,
+                   help="Precision of the scoring forward passes.")
+    g.add_argument("--online-compute-dtype", choices=("fp32", "bf16"),
+                   help="Precision of the selection matmuls.")
+    g.add_argument("--online-scoring-batch-size", type=int,
+                   help="Candidates per learner forward pass.")
     return flags.parse_strict(p, argv)[0]
 
 
+# --online-X flag → OnlineConfig field (the layout, range and output are required).
+_ONLINE_FIELDS = {"online_round": "round", "online_method": "method",
+                  "online_chunks": "chunks", "online_temperature": "temperature",
+                  "online_seed": "seed", "online_image_size": "image_size",
+                  "online_patch_dropout": "patch_dropout", "online_precision": "precision",
+                  "online_compute_dtype": "compute_dtype",
+                  "online_scoring_batch_size": "scoring_batch_size"}
+
+
+def _online_config(args) -> "online_lib.OnlineConfig | None":
+    """The --online-* flags as an OnlineConfig (None without --online-layout)."""
+    given = {field: getattr(args, flag) for flag, field in _ONLINE_FIELDS.items()
+             if getattr(args, flag) is not None}
+    if args.online_layout is None:
+        stray = list(given) + [k for k in ("super_batches", "output")
+                               if getattr(args, f"online_{k}") is not None]
+        if stray:
+            raise ValueError(f"--online-{stray[0].replace('_', '-')} needs --online-layout")
+        return None
+    if args.shards is not None:
+        raise ValueError("give --shards or --online-layout, not both")
+    if not args.online_super_batches or not args.online_output:
+        raise ValueError("--online-layout needs --online-super-batches FIRST:STOP and "
+                         "--online-output")
+    try:
+        first, stop = (int(x) for x in args.online_super_batches.split(":"))
+    except ValueError:
+        raise ValueError(f"--online-super-batches: expected FIRST:STOP, got "
+                         f"{args.online_super_batches!r}") from None
+    return online_lib.OnlineConfig(layout=args.online_layout, first_super_batch=first,
+                                   stop_super_batch=stop, output=args.online_output, **given)
+
+
 def _train_config(args) -> train_lib.TrainConfig:
+    online = _online_config(args)
     steps = args.steps
+    if steps is None and online is not None:
+        steps = online.super_batches  # One step per super-batch.
     if steps is None:
         if args.shards is None:
             raise ValueError("--steps is required without --shards")
@@ -104,7 +177,24 @@ def _train_config(args) -> train_lib.TrainConfig:
         checkpoint_every=args.checkpoint_every, resume=args.resume,
         low_res_size=args.low_res_size, low_res_fraction=args.low_res_fraction,
         window_shards=args.window_shards, log_every=args.log_every,
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard, online=online)
+
+
+def _online_argv(online: "online_lib.OnlineConfig | None") -> list:
+    if online is None:
+        return []
+    flags_ = {"--online-layout": online.layout,
+              "--online-super-batches": f"{online.first_super_batch}:{online.stop_super_batch}",
+              "--online-output": online.output, "--online-round": online.round,
+              "--online-method": online.method, "--online-chunks": online.chunks,
+              "--online-temperature": online.temperature, "--online-seed": online.seed,
+              "--online-image-size": online.image_size,
+              "--online-patch-dropout": online.patch_dropout,
+              "--online-precision": online.precision,
+              "--online-compute-dtype": online.compute_dtype,
+              "--online-scoring-batch-size": online.scoring_batch_size}
+    return [str(x) for flag, value in flags_.items() if value is not None
+            for x in (flag, repr(value) if isinstance(value, float) else value)]
 
 
 def train_argv(config: train_lib.TrainConfig) -> list:
@@ -127,7 +217,7 @@ def train_argv(config: train_lib.TrainConfig) -> list:
               "--window-shards": config.window_shards, "--log-every": config.log_every}
     argv = [str(x) for flag, value in flags_.items() if value is not None
             for x in (flag, repr(value) if isinstance(value, float) else value)]
-    return argv + (["--resume"] if config.resume else []) + (
+    return argv + _online_argv(config.online) + (["--resume"] if config.resume else []) + (
         [] if config.tensorboard else ["--no-tensorboard"])
 
 
@@ -142,7 +232,8 @@ def train_with_processes(config: train_lib.TrainConfig, nproc: int) -> train_lib
     return train_lib.TrainResult(
         step=latest["step"], examples_seen=latest["examples_seen"], flops=latest["flops"],
         checkpoint=formats.join_url(config.output, "checkpoints", latest["checkpoint"]),
-        loss=None)
+        loss=None, scoring_flops=latest.get("scoring_flops", 0),
+        selection_flops=latest.get("selection_flops", 0))
 
 
 def train_main(argv=None) -> int:
@@ -160,6 +251,7 @@ def train_main(argv=None) -> int:
             # `--nproc` for its own --nproc-per-node, and they know they are distributed.
             return distributed.launch(args.nproc, ["train", *train_argv(config)])
         result = train_lib.train(config)
+        distributed.shutdown()  # Every rank is past its last collective.
     except _USER_ERRORS + (ValueError,) as e:
         print(f"jest-curate train: error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +259,8 @@ def train_main(argv=None) -> int:
         return 0
     print(json.dumps({"step": result.step, "checkpoint": result.checkpoint,
                       "examples_seen": result.examples_seen, "flops": result.flops,
-                      "loss": result.loss}))
+                      "scoring_flops": result.scoring_flops,
+                      "selection_flops": result.selection_flops, "loss": result.loss}))
     return 0
 
 

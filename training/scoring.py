@@ -37,8 +37,9 @@ from training import model as model_lib
 from training import preprocess
 
 __all__ = ["ModelConfigError", "ScoringSpec", "DeterministicPatchDropout", "patch_dropout_keys",
-           "PreparedBatch", "prepare_batch", "EmbeddedBatch", "ScoringModel",
-           "load_scoring_model", "scorer_from_card", "FlopCounts", "measure_flops"]
+           "PreparedBatch", "prepare_batch", "EmbeddedBatch", "ScoringModel", "embed_rows",
+           "load_scoring_model", "scorer_from_card", "LiveScorer", "FlopCounts",
+           "measure_flops"]
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
@@ -246,6 +247,21 @@ class ScoringModel:
                              text=text.numpy().astype(np.float16), failures=batch.failures)
 
 
+def embed_rows(scorer: ScoringModel, images: Sequence[bytes], captions: Sequence[str],
+               uids: Sequence[str], *, batch_size: int):
+    """([n, d] fp16 image, [n, d] fp16 text, [(row, reason)] failures) of n rows, embedded
+    `batch_size` rows per forward pass; a failed row's embeddings are zero."""
+    n, d = len(images), scorer.dim
+    image, text = np.zeros((n, d), np.float16), np.zeros((n, d), np.float16)
+    failed = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        out = scorer.embed(images[start:stop], captions[start:stop], uids[start:stop])
+        image[start + out.rows], text[start + out.rows] = out.image, out.text
+        failed += [(start + i, reason) for i, reason, _ in out.failures]
+    return image, text, failed
+
+
 # --------------------------------------------------------------------------- #
 # Building: launcher (from a spec) and workers (from the card)
 # --------------------------------------------------------------------------- #
@@ -340,6 +356,46 @@ def scorer_from_card(card: formats.ModelCard, *, checkpoint: Optional[str],
     net = _assemble(card.model_cfg, state_dict, image_size=card.preprocess.image_size,
                     patch_dropout=card.patch_dropout, source=checkpoint or sha)
     return ScoringModel(_to_device(net, device), card, device)
+
+
+class LiveScorer:
+    """A scoring copy of a model in training, refreshed with its current weights.
+
+    The trainer's online selection scores every step's candidates with the weights of
+    that step. The copy is built once, as `scorer_from_card` builds a checkpoint's
+    (scoring resolution, deterministic patch dropout, eval mode), and `refresh` copies
+    the live weights in and re-reads t and b, so it embeds exactly as a checkpoint of
+    the same weights would, without touching the training model or its RNG.
+    """
+
+    def __init__(self, model_name: str, model_cfg: dict, state_dict: dict, *,
+                 image_size: Optional[int] = None, patch_dropout: float = 0.0,
+                 precision: str = "fp32", device: str = "cpu"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        net = _assemble(model_cfg, state_dict, image_size=image_size,
+                        patch_dropout=patch_dropout, source="the live weights")
+        t, b = model_lib.logit_params(net)
+        card = formats.ModelCard(
+            model_name=model_name, model_cfg=model_cfg, checkpoint_sha256="live",
+            logit_scale=t, logit_bias=b,
+            preprocess=model_lib.preprocess_contract(model_cfg, image_size=image_size),
+            patch_dropout=float(patch_dropout), precision=precision)
+        self.scorer = ScoringModel(_to_device(net, device), card, device)
+        self.scorer.card = dataclasses.replace(
+            card, flops_per_example=measure_flops(self.scorer).total)
+
+    @property
+    def flops_per_example(self) -> float:
+        return self.scorer.card.flops_per_example
+
+    def refresh(self, state_dict: dict, label: str = "live") -> ScoringModel:
+        """The scorer holding `state_dict` (`label` names those weights in its card)."""
+        model_lib.load_weights(self.scorer.model, state_dict, source=label)
+        t, b = model_lib.logit_params(self.scorer.model)
+        self.scorer.card = dataclasses.replace(self.scorer.card, checkpoint_sha256=label,
+                                               logit_scale=t, logit_bias=b)
+        return self.scorer
 
 
 # --------------------------------------------------------------------------- #

@@ -20,6 +20,12 @@ al. 2024 sec. 4): a seeded `low_res_fraction` of every batch is seen at
 Under torchrun (`training.distributed`) each process trains on its part of every
 global batch, the loss spans the global batch through SigLipLoss's neighbour exchange,
 and DistributedDataParallel averages the gradients.
+
+Online selection (`online=OnlineConfig(...)`, training/online.py) replaces `data`: every
+step scores a super-batch of a pass layout with the live weights and trains on the b it
+selects (each process on its own part), as the JEST paper runs it. Its scoring and
+selection FLOPs are counted apart from training's (`TrainResult.scoring_flops`,
+`.selection_flops`).
 """
 import collections
 import dataclasses
@@ -39,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from jest_curate import formats, hashing
 from training import data as data_lib
 from training import model as model_lib
+from training import online as online_lib
 from training.distributed import World, world_from_env
 from training.flops import StepFlops
 from training.schedule import warmup_cosine_lr
@@ -58,7 +65,8 @@ _RUN_FIELDS = ("batch_size", "total_steps", "learning_rate", "min_learning_rate"
 class TrainConfig:
     model: str  # Shipped/open_clip config name or JSON path.
     output: str  # Run directory: checkpoints/, tensorboard/.
-    data: Optional[str]  # Curated tar shards or canonical corpus; None only to write step 0.
+    data: Optional[str]  # Curated tar shards or canonical corpus; None to write step 0 or
+    # to select online.
     batch_size: int
     total_steps: int  # Planned length of the whole run; the schedule spans it.
     stop_at_step: Optional[int] = None  # End of this call's slice (default: total_steps).
@@ -82,6 +90,9 @@ class TrainConfig:
     window_shards: int = 8  # Canonical data: shards shuffled together.
     log_every: int = 10
     tensorboard: bool = True
+    # Online selection (training/online.py): every step scores and selects a super-batch of
+    # a pass layout with the live weights, instead of reading `data`.
+    online: Optional[online_lib.OnlineConfig] = None
 
     def __post_init__(self):
         for name in ("batch_size", "total_steps"):
@@ -91,8 +102,10 @@ class TrainConfig:
         if not 0 <= stop <= self.total_steps:
             raise ValueError(f"stop_at_step must be in [0, total_steps={self.total_steps}], "
                              f"got {stop}")
-        if self.data is None and stop > 0:
-            raise ValueError("data is required unless stop_at_step is 0")
+        if self.data is not None and self.online is not None:
+            raise ValueError("give data or online selection, not both")
+        if self.data is None and self.online is None and stop > 0:
+            raise ValueError("data (or online selection) is required unless stop_at_step is 0")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}]")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -123,6 +136,10 @@ class TrainResult:
     examples_seen: int
     flops: int  # Training FLOPs (forward + backward) accumulated over the run.
     loss: Optional[float]  # Of the last step trained in this call.
+    # Online selection's costs over the run, apart from training's: the learner's forward
+    # passes over every step's candidates, and the selection matmuls.
+    scoring_flops: int = 0
+    selection_flops: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -240,6 +257,7 @@ class Trainer:
                 else None)
         self.low_res_contract = self._check_low_res() if config.low_res_size else None
         self.step, self.examples_seen, self.flops = 0, 0, 0
+        self.scoring_flops, self.selection_flops = 0, 0  # Online selection's.
         self.flops_per_example_train = None
         self.dropped = collections.Counter()
         self.data_position = {"url": None, "batches": 0}  # Batches consumed from `url`.
@@ -270,6 +288,7 @@ class Trainer:
         extra = {
             "run": self.config.run_fields(), "examples_seen": self.examples_seen,
             "flops": self.flops, "flops_per_example_train": self.flops_per_example_train,
+            "scoring_flops": self.scoring_flops, "selection_flops": self.selection_flops,
             "dropped": dict(self.dropped), "data_position": self.data_position,
             "precision": self.precision, "world_size": self.world.size,
             "torch_rng_state": torch.get_rng_state().tolist(),
@@ -287,7 +306,8 @@ class Trainer:
         formats.write_json_atomic(formats.join_url(c.output, "checkpoints", "latest.json"), {
             "step": self.step, "checkpoint": posixpath.basename(url), "sha256": sha,
             "model_name": self.model_name, "examples_seen": self.examples_seen,
-            "flops": self.flops, "flops_per_example_train": self.flops_per_example_train})
+            "flops": self.flops, "flops_per_example_train": self.flops_per_example_train,
+            "scoring_flops": self.scoring_flops, "selection_flops": self.selection_flops})
         log.info("step %d: checkpoint %s", self.step, url)
 
     def restore(self, url: str) -> None:
@@ -317,6 +337,8 @@ class Trainer:
         self.step = ckpt.step
         self.examples_seen, self.flops = extra["examples_seen"], extra["flops"]
         self.flops_per_example_train = extra.get("flops_per_example_train")
+        self.scoring_flops = extra.get("scoring_flops", 0)
+        self.selection_flops = extra.get("selection_flops", 0)
         self.dropped = collections.Counter(extra.get("dropped", {}))
         self.data_position = dict(extra["data_position"])
         torch.set_rng_state(torch.tensor(extra["torch_rng_state"], dtype=torch.uint8))
@@ -326,30 +348,38 @@ class Trainer:
         log.info("resumed %s at step %d", url, self.step)
 
     # ----------------------------------------------------------------- training
-    def _split_resolutions(self, examples):
-        """(full-resolution, low-resolution) examples; the split is seeded by the step."""
+    def _split_resolutions(self, examples, *key):
+        """(full-resolution, low-resolution) examples; the split is seeded by the step (and
+        `key`)."""
         if self.low_res_contract is None:
             return examples, []
         n_low = round(self.config.low_res_fraction * len(examples))
-        rng = np.random.default_rng(hashing.derive_seed(self.config.seed, "low_res", self.step))
+        rng = np.random.default_rng(hashing.derive_seed(self.config.seed, "low_res", self.step,
+                                                        *key))
         low = set(rng.permutation(len(examples))[:n_low].tolist())
         return ([e for i, e in enumerate(examples) if i not in low],
                 [e for i, e in enumerate(examples) if i in low])
 
-    def _my_parts(self, examples):
+    def _my_parts(self, examples, local: bool = False):
         """This process's (full-resolution, low-resolution) examples of a global batch.
 
         The resolution split is drawn over the global batch, whose order is full then low
         (as one process trains it); each process takes its contiguous part of that order.
+        `local`: `examples` are already this process's own (online selection, where each
+        rank selects its part); the split is then drawn over them, seeded by the rank too.
         """
+        if local:
+            return self._split_resolutions(
+                examples, *(("rank", self.world.rank) if self.world.distributed else ()))
         full, low = self._split_resolutions(examples)
         ordered = [(e, False) for e in full] + [(e, True) for e in low]
         mine = ordered[self.world.part(len(ordered))]
         return [e for e, is_low in mine if not is_low], [e for e, is_low in mine if is_low]
 
-    def train_step(self, examples) -> float:
-        """One optimizer step on a global batch (every process passes the same one)."""
-        full_examples, low_examples = self._my_parts(examples)
+    def train_step(self, examples, local: bool = False) -> float:
+        """One optimizer step on a global batch (every process passes the same one), or,
+        `local`, on this process's own part of it (online selection)."""
+        full_examples, low_examples = self._my_parts(examples, local)
         parts = [(data_lib.prepare_batch(full_examples, self.contract), False)]
         if low_examples:
             parts.append((data_lib.prepare_batch(low_examples, self.low_res_contract), True))
@@ -431,8 +461,15 @@ class Trainer:
         self._writer = SummaryWriter(posixpath.join(path, "tensorboard"),
                                      purge_step=self.step or None)
 
+    def _count_selection(self, batch: online_lib.SelectedBatch) -> None:
+        """Add a step's online scoring and selection FLOPs (every process's)."""
+        scored, selected = self.world.sum([batch.scoring_flops, batch.selection_flops])
+        self.scoring_flops += int(round(scored))
+        self.selection_flops += int(selected)
+
     def fit(self, source, stop_at_step: int) -> Optional[float]:
-        """Train on `source` (CuratedShards/CanonicalBatches) until `stop_at_step`."""
+        """Train on `source` (CuratedShards/CanonicalBatches/OnlineSource) until
+        `stop_at_step`."""
         url = source.url.rstrip("/")
         if self.data_position["url"] != url:
             if self.data_position["url"] is not None:
@@ -450,7 +487,12 @@ class Trainer:
         try:
             batches = source.batches(start)
             while self.step < stop_at_step:
-                loss = self.train_step(next(batches))
+                batch = next(batches)  # Online: selected now, with the current weights.
+                if isinstance(batch, online_lib.SelectedBatch):
+                    loss = self.train_step(batch.examples, local=True)
+                    self._count_selection(batch)
+                else:
+                    loss = self.train_step(batch)
                 self.data_position["batches"] += 1
                 every = self.config.checkpoint_every
                 if (every and self.step % every == 0) or self.step == stop_at_step:
@@ -462,7 +504,11 @@ class Trainer:
         return loss
 
 
-def _open_data(config: TrainConfig):
+def _open_data(config: TrainConfig, trainer: Trainer):
+    if config.online is not None:
+        return online_lib.OnlineSource(
+            config.online, batch_size=config.batch_size, model=trainer.model,
+            model_name=trainer.model_name, model_cfg=trainer.model_cfg, world=trainer.world)
     return data_lib.open_source(config.data, data_format=config.data_format,
                                 batch_size=config.batch_size,
                                 seed=hashing.derive_seed(config.seed, "train_data"),
@@ -491,11 +537,18 @@ def train(config: TrainConfig, world: Optional[World] = None) -> TrainResult:
         if config.resume:
             log.info("nothing to resume in %s: starting a new run", config.output)
         if config.stop > 0:  # Unusable data fails before step 0 is written.
-            source = _open_data(config)
+            source = _open_data(config, trainer)
         latest = trainer.save()  # Step 0: the learner that scores round 0.
     loss = None
     if trainer.step < config.stop:
-        loss = trainer.fit(source or _open_data(config), config.stop)
+        loss = trainer.fit(source or _open_data(config, trainer), config.stop)
         latest = checkpoint_url(config.output, trainer.step)
+    if config.online is not None and online_lib.round_complete(config.online,
+                                                               trainer.data_position):
+        world.barrier()  # Every rank's rows are written.
+        if world.is_main:  # Also after a kill between the last checkpoint and this.
+            online_lib.commit_round(config.online, batch_size=config.batch_size,
+                                    world_size=world.size)
     return TrainResult(step=trainer.step, checkpoint=latest, examples_seen=trainer.examples_seen,
-                       flops=trainer.flops, loss=loss)
+                       flops=trainer.flops, loss=loss, scoring_flops=trainer.scoring_flops,
+                       selection_flops=trainer.selection_flops)
