@@ -694,6 +694,9 @@ ROUND_MANIFEST_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [
 ], metadata={"jest.schema": "round_manifest/v1"})
 
 LAYOUT_FILE = "layout.json"
+# Beside a round's selection: what its work measured (seconds; bytes read), which varies
+# between runs, so it is kept out of stats.json and _SUCCESS.
+METRICS_FILE = "metrics.json"
 LAYOUT_FORMAT = "jest-curate/layout/v1"
 
 

@@ -17,7 +17,8 @@ are written; _SUCCESS (written last) lists every file of a round with its sha256
 Outputs per round (OUTPUT/…): shards/{00000..}.tar + shards/sizes.json (open_clip_train
 reads them), manifest/{00000..}.parquet (formats.ROUND_MANIFEST_SCHEMA: one row per
 candidate, the tar's name) + manifest/_index.json, stats.json, _SUCCESS; and metrics.json
-(the work's wall and CPU seconds: measured, so the one file that differs between runs).
+(bytes read, the work's wall and CPU seconds: measured, so the one file that differs
+between runs).
 """
 import argparse
 import dataclasses
@@ -46,7 +47,7 @@ __all__ = ["RoundSlice", "RoundJobConfig", "SelectRounds", "run_round_job", "run
 
 _NAMESPACE = "jest_curate.round"
 _WRITER = "jest-curate round"
-METRICS = "metrics.json"  # Measured seconds of the round's work (not reproducible).
+METRICS = formats.METRICS_FILE  # Measured seconds of the round's work (not reproducible).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +297,7 @@ class _CommitRound(beam.DoFn):
             "temperature": cfg.temperature, "selection_flops": report["selection_flops"],
             "scored": report["scored"],
             "scoring_flops": report["scored"] * (self._scoring_flops or 0),
-            "read_bytes": report["read_bytes"], "written_bytes": report["written_bytes"]}
+            "written_bytes": report["written_bytes"]}
         if report["batch_scores"]:
             sel, rnd = np.array(sorted(report["batch_scores"])).T
             stats["mean_batch_score_selected"] = float(sel.mean())
@@ -316,9 +317,9 @@ class _CommitRound(beam.DoFn):
         formats.write_index(manifest, report["manifests"], writer=_WRITER)
         shas["manifest/_index.json"] = formats.sha256_file(formats.join_url(manifest,
                                                                             formats.INDEX))
-        # Wall and CPU seconds vary run to run: beside the outputs, not among them.
+        # What the work measured (seconds, bytes read) varies: beside the outputs.
         formats.write_json_atomic(formats.join_url(out, METRICS), {
-            k: report[k] for k in ("work_seconds", "work_cpu_seconds")})
+            k: report[k] for k in ("read_bytes", "work_seconds", "work_cpu_seconds")})
         # _SUCCESS is the round's index: every file it holds, with its sha256.
         formats.write_json_atomic(formats.join_url(out, "_SUCCESS"),
                                   {"files": dict(sorted(shas.items()))})

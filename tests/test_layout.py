@@ -125,7 +125,8 @@ def test_a_round_reads_only_its_candidate_shards_and_selects_each_super_batch(po
         assert (st["selected"], st["rejected"], st["dead_lettered"]) == (
             3 * B, 3 * (S - B), 0)
         touched = lay.shards_between(first, stop)
-        assert st["read_bytes"] == sum(os.path.getsize(s.info.url) + os.path.getsize(
+        metrics = formats.read_json(os.path.join(out, f"r{r}", round_job.METRICS))
+        assert metrics["read_bytes"] == sum(os.path.getsize(s.info.url) + os.path.getsize(
             s.reference.url) for s in touched)  # Its shards and nothing else.
         sel = os.path.join(out, f"r{r}")
         success = formats.read_json(os.path.join(sel, "_SUCCESS"))["files"]

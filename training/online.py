@@ -225,7 +225,7 @@ class OnlineSource:
             raise ValueError(f"start batch {start} outside [0, {self.num_batches}]")
         if start == 0:  # The round starts (again): what an earlier attempt left goes.
             if self.world.is_main:
-                for stale in ("_SUCCESS", "stats.json", "manifest", _STEPS):
+                for stale in ("_SUCCESS", "stats.json", "manifest", _STEPS, formats.METRICS_FILE):
                     _remove(formats.join_url(self.cfg.output, stale))
             self.world.barrier()
         for i in range(start, self.num_batches):
@@ -328,9 +328,7 @@ def _stats(cfg: OnlineConfig, layout: formats.Layout, manifest: pa.Table, report
         "method": cfg.method, "seed": cfg.seed, "chunks": cfg.chunks,
         "temperature": cfg.temperature, "selection_flops": total["selection_flops"],
         "scored": total["scored"], "scoring_flops": total["scoring_flops"],
-        "read_bytes": total["read_bytes"], "written_bytes": written_bytes,
-        "work_seconds": total["work_seconds"], "work_cpu_seconds": total["work_cpu_seconds"],
-        "mode": "online", "world_size": world_size}
+        "written_bytes": written_bytes, "mode": "online", "world_size": world_size}
     batch_scores = [s for r in reports for s in r["batch_scores"]]
     if batch_scores:
         sel, rnd = np.array(sorted(batch_scores)).T
@@ -381,6 +379,10 @@ def commit_round(cfg: OnlineConfig, *, batch_size: int, world_size: int) -> dict
     shas["manifest/_index.json"] = formats.sha256_file(formats.join_url(root, formats.INDEX))
     formats.write_json_atomic(formats.join_url(cfg.output, "stats.json"), stats)
     shas["stats.json"] = formats.sha256_file(formats.join_url(cfg.output, "stats.json"))
+    # What was read (more after a resume) and the seconds it took: beside the outputs.
+    formats.write_json_atomic(formats.join_url(cfg.output, formats.METRICS_FILE), {
+        k: sum(r[k] for r in reports) for k in ("read_bytes", "work_seconds",
+                                                "work_cpu_seconds")})
     formats.write_json_atomic(success, {"files": dict(sorted(shas.items()))})
     _remove(formats.join_url(cfg.output, _STEPS))
     log.info("round %d (online): %d selected of %d candidates in %d steps", cfg.round,
