@@ -1044,6 +1044,10 @@ class RunConfig:
     eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.
     train_processes: int = 1  # Data-parallel trainer processes (torchrun; one per GPU).
     candidate_shard_rows: int = 4096  # Rows per candidate shard of a pass's layout.
+    # "offline": a round job per rescoring period selects with a stored checkpoint.
+    # "online": the trainer selects every step's super-batch with its live weights (the
+    # paper's JEST; no staleness), from the same layout, writing the same manifest rows.
+    selection_mode: str = "offline"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -1060,6 +1064,11 @@ class RunConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.score_precision not in ("fp32", "bf16"):
             raise ValueError(f"score_precision must be fp32 or bf16, got {self.score_precision}")
+        if self.selection_mode not in ("offline", "online"):
+            raise ValueError(f"selection_mode must be offline or online, got "
+                             f"{self.selection_mode!r}")
+        if self.selection_mode == "online" and self.rescore_every != 1:
+            raise ValueError("online selection rescores every step: leave rescore_every at 1")
         if (self.train_low_res_size is None) != (self.train_low_res_fraction == 0.0) or not \
                 0.0 <= self.train_low_res_fraction <= 1.0:
             raise ValueError("multi-resolution training needs both train_low_res_size and "

@@ -54,6 +54,7 @@ from pipelines import select as select_stage
 from training import evaluate as evaluate_lib
 from training import main as trainer_cli
 from training import model as model_lib
+from training import online as online_lib
 from training import scoring
 from training import train as train_lib
 
@@ -131,8 +132,9 @@ def _reference(cfg: formats.RunConfig, paths: _Paths, beam_args) -> dict:
 
 
 def _train_config(cfg: formats.RunConfig, paths: _Paths, data: Optional[str],
-                  stop: int) -> train_lib.TrainConfig:
-    return train_lib.TrainConfig(
+                  stop: int, online: Optional[online_lib.OnlineConfig] = None
+                  ) -> train_lib.TrainConfig:
+    return train_lib.TrainConfig(online=online,
         model=cfg.learner_model, output=paths.learner(), data=data,
         data_format="curated", batch_size=cfg.batch_size,
         total_steps=cfg.rounds * cfg.steps_per_round, stop_at_step=stop,
@@ -244,12 +246,7 @@ def _select_period(cfg, paths, passes, r0: int, beam_args, device: str) -> None:
     slices = []
     for r in range(r0, min(r0 + cfg.rescore_every, cfg.rounds)):
         rdir = _round_dir(paths.output, r)
-        p, first, stop = plan_round(r, super_batches=passes(0).super_batches,
-                                    steps_per_round=K)
-        layout = passes(p)
-        formats.write_json_atomic(formats.join_url(rdir, "slice.json"), {
-            "pass": p, "layout": _relative(layout.root, paths.output), "first_super_batch": first,
-            "stop_super_batch": stop, "examples": (stop - first) * layout.spec.super_batch_size})
+        layout, first, stop = _slice(cfg, paths, passes, r)
         if learner is not None:
             formats.write_json_atomic(formats.join_url(rdir, "scored_by.json"), {
                 "checkpoint": posixpath.relpath(learner.checkpoint, paths.output),
@@ -263,6 +260,31 @@ def _select_period(cfg, paths, passes, r0: int, beam_args, device: str) -> None:
         temperature=cfg.temperature, seed=cfg.seed, learner=learner), beam_args)
 
 
+def _slice(cfg, paths, passes, r: int) -> tuple:
+    """Round r's pass layout and super-batch range, recorded in its slice.json."""
+    p, first, stop = plan_round(r, super_batches=passes(0).super_batches,
+                                steps_per_round=cfg.steps_per_round)
+    layout = passes(p)
+    formats.write_json_atomic(formats.join_url(_round_dir(paths.output, r), "slice.json"), {
+        "pass": p, "layout": _relative(layout.root, paths.output), "first_super_batch": first,
+        "stop_super_batch": stop, "examples": (stop - first) * layout.spec.super_batch_size})
+    return layout, first, stop
+
+
+def _online(cfg, paths, passes, r: int) -> online_lib.OnlineConfig:
+    """Round r selected by the trainer itself, step by step, with its live weights."""
+    layout, first, stop = _slice(cfg, paths, passes, r)
+    formats.write_json_atomic(formats.join_url(_round_dir(paths.output, r), "scored_by.json"), {
+        "checkpoint": None, "mode": "online", "round_start_step": r * cfg.steps_per_round,
+        "staleness_steps": 0})
+    return online_lib.OnlineConfig(
+        layout=layout.root, first_super_batch=first, stop_super_batch=stop,
+        output=formats.join_url(_round_dir(paths.output, r), "selection"), round=r,
+        method=select_method(cfg.method), chunks=cfg.chunks, temperature=cfg.temperature,
+        seed=cfg.seed, image_size=cfg.score_image_size, patch_dropout=cfg.score_patch_dropout,
+        precision=cfg.score_precision)
+
+
 def _run_round(cfg, paths, passes, r, beam_args, device) -> dict:
     K = cfg.steps_per_round
     rdir = _round_dir(paths.output, r)
@@ -270,14 +292,19 @@ def _run_round(cfg, paths, passes, r, beam_args, device) -> dict:
     if formats.exists(done_url):
         return formats.read_json(done_url)
     selection = formats.join_url(rdir, "selection")
-    if not formats.exists(formats.join_url(selection, "_SUCCESS")):
-        _select_period(cfg, paths, passes, r - r % cfg.rescore_every, beam_args, device)
+    if cfg.selection_mode == "online":
+        trained = trainer_cli.train_with_processes(
+            _train_config(cfg, paths, None, (r + 1) * K, _online(cfg, paths, passes, r)),
+            cfg.train_processes)
+    else:
+        if not formats.exists(formats.join_url(selection, "_SUCCESS")):
+            _select_period(cfg, paths, passes, r - r % cfg.rescore_every, beam_args, device)
+        trained = trainer_cli.train_with_processes(
+            _train_config(cfg, paths, formats.join_url(selection, "shards"), (r + 1) * K),
+            cfg.train_processes)
     stats = formats.read_json(formats.join_url(selection, "stats.json"))
     scored_url = formats.join_url(rdir, "scored_by.json")
     scored_by = formats.read_json(scored_url) if formats.exists(scored_url) else None
-    trained = trainer_cli.train_with_processes(
-        _train_config(cfg, paths, formats.join_url(selection, "shards"), (r + 1) * K),
-        cfg.train_processes)
     record = {"round": r, "pass": stats["pass"], "slice_examples": stats["seen"],
               "scored_by": scored_by, "scoring_flops": stats["scoring_flops"],
               "scored_examples": stats["scored"], "step": trained.step,

@@ -4,6 +4,7 @@ import hashlib
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -360,3 +361,32 @@ def test_a_restart_reads_no_per_example_state(setup, finished, monkeypatch):
     again = rounds.run_rounds(cfg, out, beam_args=BEAM,
                               reference_embeddings=str(root / "ref_emb"))
     assert again == summary
+
+
+def test_online_rounds_select_every_step_with_the_live_weights(setup, finished):
+    """selection_mode online: the trainer scores each step's super-batch itself, from the
+    same layout, writing the same manifest rows; its first step equals the offline job's."""
+    root, _, cfg = setup
+    out_a, _ = finished
+    out = str(root / "run_online")
+    summary = rounds.run_rounds(dataclasses.replace(cfg, selection_mode="online"), out,
+                                beam_args=BEAM, reference_embeddings=str(root / "ref_emb"),
+                                layouts=str(root / "run_a" / "layouts"))
+    assert [r["examples_seen"] for r in summary["rounds"]] == [16, 32]
+    assert summary["rounds"][-1]["ledger"]["learner_scoring"] > 0
+    for r in range(cfg.rounds):
+        rdir = os.path.join(out, "rounds", f"r{r:04d}")
+        assert formats.read_json(os.path.join(rdir, "scored_by.json"))["staleness_steps"] == 0
+        stats = formats.read_json(os.path.join(rdir, "selection", "stats.json"))
+        assert stats["mode"] == "online"
+        assert stats["selected"] + stats["rejected"] + stats["dead_lettered"] == \
+            cfg.steps_per_round * cfg.super_batch_size
+
+    def first_super_batch(run):
+        manifest = os.path.join(run, "rounds", "r0000", "selection", "manifest")
+        table = pa.concat_tables(formats.read_shard(s) for s in formats.list_shards(manifest))
+        return table.filter(pa.compute.equal(table.column("super_batch"), 0))
+
+    assert first_super_batch(out).equals(first_super_batch(out_a))
+    with pytest.raises(ValueError, match="rescore_every"):
+        dataclasses.replace(cfg, selection_mode="online", rescore_every=2)
