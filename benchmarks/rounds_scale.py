@@ -227,6 +227,12 @@ def round_cost(args, layout_root: str, steps: int, learner: scoring.ScoringSpec,
     metrics = formats.read_json(os.path.join(output, round_job.METRICS))
     shutil.rmtree(output)
     work = metrics["work_seconds"]
+    # The bytes of the round's own super-batches (candidates + sidecar), pro rata of the
+    # shards it touches: a round reads whole candidate shards.
+    layout = formats.read_layout(layout_root)
+    own = sum((min(steps, s.stop_super_batch) - max(0, s.first_super_batch)) / s.super_batches
+              * (os.path.getsize(s.info.url) + os.path.getsize(s.reference.url))
+              for s in layout.shards_between(0, steps))
     return {"steps": steps, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
             "work_seconds": round(work, 3),
             "work_cpu_seconds": round(metrics["work_cpu_seconds"], 3),
@@ -234,7 +240,8 @@ def round_cost(args, layout_root: str, steps: int, learner: scoring.ScoringSpec,
             "cpu_overhead": round((cpu - metrics["work_cpu_seconds"])
                                   / metrics["work_cpu_seconds"], 4),
             **{k: stats[k] for k in ("seen", "scored", "selected", "read_bytes",
-                                     "written_bytes")}}
+                                     "written_bytes")},
+            "read_over_own_bytes": round(stats["read_bytes"] / own, 3)}
 
 
 # The launcher, run as `python -c _LAUNCHER HWM_FILE rounds ...`: after the command, it
@@ -421,7 +428,8 @@ def _measure(args, work: str, scales: list, steps: list) -> dict:
         overhead[f"K{K}"] = cost
         print(f"overhead at K={K} ({cost['seen']} candidates, {hi}x pool): wall "
               f"{cost['wall_s']:.2f} s, work {cost['work_seconds']:.2f} s -> "
-              f"{cost['overhead']:.3f}", flush=True)
+              f"{cost['overhead']:.3f}; read {cost['read_over_own_bytes']}x the bytes of "
+              f"its super-batches (whole candidate shards)", flush=True)
     overhead["online"] = None
     overhead["online_note"] = ONLINE_NOTE
 
