@@ -17,7 +17,7 @@ under --work, so a rerun measures only the rounds.
    `run_round_job` with method jest and the micro learner (a fresh step-0 checkpoint)
    scoring every candidate, on each pool. CPU seconds of this process (FnApiRunner runs
    in it) over the whole job, launcher side included, and the round's `read_bytes`
-   (stats.json). Goal 16x / 1x <= 1.15 for both. Scales are interleaved and the cheapest
+   (metrics.json). Goal 16x / 1x <= 1.15 for both. Scales are interleaved and the cheapest
    of --repeats kept, since the machine is shared.
 3. Launcher peak RSS: `jest-curate rounds` (FnApiRunner, so the launcher process also
    runs the jobs' workers) for one round on each pool, as a subprocess; its peak RSS is
@@ -28,13 +28,16 @@ under --work, so a rerun measures only the rounds.
 4. Fixed overhead of a round at b and each K of --steps, on the largest pool:
    (round job wall seconds - work_seconds) / work_seconds, where work_seconds
    (metrics.json) is the time spent inside the DoFn doing the round's work. Goal <= 0.2
-   at K = 50; K = 4 is reported as measured. The online mode (selection inside the
-   trainer) is not merged yet: its figure is left null.
+   at K = 50; K = 4 is reported as measured. Beside it, the online mode (the trainer
+   selects each step's super-batch itself, no job): (online training wall - training
+   wall on the round job's curated shards - online work) / online work, where online
+   work (metrics.json) is its reading, scoring and selection of the same candidates.
 
 The last line printed is one JSON object (every measured number, the ratios, and each
 gate's pass/fail; nothing is asserted).
 """
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +57,7 @@ from PIL import Image
 from jest_curate import demo_data, flags, formats, hashing
 from pipelines import layout as layout_stage
 from pipelines import round_job, rounds
+from training import online as online_lib
 from training import scoring
 from training import train as train_lib
 
@@ -63,7 +68,6 @@ ROUND_RATIO_LIMIT = 1.15
 RSS_RATIO_LIMIT = 1.15
 OVERHEAD_LIMIT = 0.2
 OVERHEAD_GATE_STEPS = 50
-ONLINE_NOTE = "online mode not merged"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -213,7 +217,7 @@ def build_layout(spec, root: str) -> dict:
 
 
 def round_cost(args, layout_root: str, steps: int, learner: scoring.ScoringSpec,
-               output: str) -> dict:
+               output: str, keep: Optional[str] = None) -> dict:
     """One round job (round 0: super-batches [0, steps)) timed; its stats and metrics."""
     cfg = round_job.RoundJobConfig(
         slices=(round_job.RoundSlice(0, layout_root, 0, steps, output),), method="jest",
@@ -225,7 +229,8 @@ def round_cost(args, layout_root: str, steps: int, learner: scoring.ScoringSpec,
     stats = round_job.run_round_job(cfg, BEAM)[0]
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     metrics = formats.read_json(os.path.join(output, round_job.METRICS))
-    shutil.rmtree(output)
+    if keep is None:
+        shutil.rmtree(output)
     work = metrics["work_seconds"]
     # The bytes of the round's own super-batches (candidates + sidecar), pro rata of the
     # shards it touches: a round reads whole candidate shards.
@@ -239,9 +244,42 @@ def round_cost(args, layout_root: str, steps: int, learner: scoring.ScoringSpec,
             "overhead": round((wall - work) / work, 4),
             "cpu_overhead": round((cpu - metrics["work_cpu_seconds"])
                                   / metrics["work_cpu_seconds"], 4),
-            **{k: stats[k] for k in ("seen", "scored", "selected", "read_bytes",
-                                     "written_bytes")},
-            "read_over_own_bytes": round(stats["read_bytes"] / own, 3)}
+            **{k: stats[k] for k in ("seen", "scored", "selected", "written_bytes")},
+            "read_bytes": metrics["read_bytes"],
+            "read_over_own_bytes": round(metrics["read_bytes"] / own, 3)}
+
+
+def _train(args, output: str, steps: int, *, data=None, online=None) -> float:
+    """Wall seconds of a fresh learner's `steps` training steps (step 0 written first)."""
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    config = train_lib.TrainConfig(
+        model=MODEL, output=output, data=data, data_format="curated",
+        batch_size=args.batch_size, total_steps=steps, precision="fp32", seed=11,
+        checkpoint_every=0, tensorboard=False, online=online)
+    train_lib.train(dataclasses.replace(config, stop_at_step=0))
+    wall = time.perf_counter()
+    train_lib.train(dataclasses.replace(config, resume=True))
+    return time.perf_counter() - wall
+
+
+def online_cost(args, layout_root: str, steps: int, shards: str, output: str) -> dict:
+    """The online mode's per-round figure beside the round job's: the trainer selecting
+    each step itself (no job), against training the same number of steps on curated
+    shards. (online wall - training wall - online work) / online work, where online work
+    (metrics.json) is its reading, scoring and selection of the round's candidates."""
+    selection = os.path.join(output, "selection")
+    online = online_lib.OnlineConfig(
+        layout=layout_root, first_super_batch=0, stop_super_batch=steps, output=selection,
+        method="jest", chunks=args.chunks, seed=0)
+    online_wall = _train(args, os.path.join(output, "online"), steps, online=online)
+    train_wall = _train(args, os.path.join(output, "offline"), steps, data=shards)
+    metrics = formats.read_json(os.path.join(selection, formats.METRICS_FILE))
+    work = metrics["work_seconds"]
+    shutil.rmtree(output)
+    return {"steps": steps, "online_wall_s": round(online_wall, 3),
+            "train_wall_s": round(train_wall, 3), "work_seconds": round(work, 3),
+            "overhead": round((online_wall - train_wall - work) / work, 4)}
 
 
 # The launcher, run as `python -c _LAUNCHER HWM_FILE rounds ...`: after the command, it
@@ -289,13 +327,15 @@ def launcher_cost(args, cfg: formats.RunConfig, *, reference_root: str, layouts:
             os.path.normpath(pinned["layout"]) != os.path.normpath(expected_layout):
         raise RuntimeError(f"the launcher laid out its own pass ({pinned['layout']}), not "
                            f"the prebuilt {expected_layout}: its cost would not be a round's")
-    stats = formats.read_json(os.path.join(run, "rounds", "r0000", "selection", "stats.json"))
+    selection = os.path.join(run, "rounds", "r0000", "selection")
+    stats = formats.read_json(os.path.join(selection, "stats.json"))
+    metrics = formats.read_json(os.path.join(selection, round_job.METRICS))
     with open(hwm) as f:
         peak_kib = int(f.read())
     shutil.rmtree(output)
     return {"peak_rss_mib": round(peak_kib / 1024, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "wall_s": round(wall, 2),
-            "round_read_bytes": stats["read_bytes"], "round_seen": stats["seen"]}
+            "round_read_bytes": metrics["read_bytes"], "round_seen": stats["seen"]}
 
 
 # --------------------------------------------------------------------------- main
@@ -421,17 +461,23 @@ def _measure(args, work: str, scales: list, steps: list) -> dict:
 
     # Fixed overhead per K on the largest pool (K0's is the scale runs' best).
     hi, lo = max(scales), min(scales)
-    overhead = {}
+    overhead, online = {}, {}
     for K in steps:
-        cost = best[hi] if K == K0 else round_cost(args, roots[hi], K, learner,
-                                                   os.path.join(runs, "round"))
+        kept = os.path.join(runs, "kept")
+        cost = round_cost(args, roots[hi], K, learner, os.path.join(runs, "round"), keep=kept)
         overhead[f"K{K}"] = cost
         print(f"overhead at K={K} ({cost['seen']} candidates, {hi}x pool): wall "
               f"{cost['wall_s']:.2f} s, work {cost['work_seconds']:.2f} s -> "
               f"{cost['overhead']:.3f}; read {cost['read_over_own_bytes']}x the bytes of "
               f"its super-batches (whole candidate shards)", flush=True)
-    overhead["online"] = None
-    overhead["online_note"] = ONLINE_NOTE
+        online[f"K{K}"] = online_cost(args, roots[hi], K, os.path.join(runs, "round", "shards"),
+                                      os.path.join(runs, "online"))
+        shutil.rmtree(os.path.join(runs, "round"))
+        print(f"online at K={K}: wall {online[f'K{K}']['online_wall_s']:.2f} s, training "
+              f"alone {online[f'K{K}']['train_wall_s']:.2f} s, selection work "
+              f"{online[f'K{K}']['work_seconds']:.2f} s -> {online[f'K{K}']['overhead']:.3f}",
+              flush=True)
+    overhead["online"] = online
 
     tag = f"{hi}x_over_{lo}x"
     ratios = {
@@ -464,8 +510,8 @@ def _measure(args, work: str, scales: list, steps: list) -> dict:
     for name, gate in gates.items():
         print(f"{name}: {gate['value']} (goal <= {gate['limit']}): "
               f"{'pass' if gate['pass'] else 'FAIL'}")
-    print(f"overhead K={K0}: {overhead[f'K{K0}']['overhead']} (reported as is); "
-          f"online mode: null ({ONLINE_NOTE})")
+    print(f"overhead K={K0}: {overhead[f'K{K0}']['overhead']} (reported as is); online "
+          f"mode: " + ", ".join(f"{k} {v['overhead']}" for k, v in online.items()))
     print(f"layout CPU per example {tag}: {ratios[f'layout_cpu_per_example_{tag}']} "
           f"(O(pool) once per pass; not gated)")
     return {
