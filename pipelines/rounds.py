@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import posixpath
+import shlex
 from typing import Optional
 
 from jest_curate import formats
@@ -95,9 +96,9 @@ def scoring_key(cfg: formats.RunConfig) -> str:
 
 
 def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
-           beam_args, overwrite: bool) -> dict:
+           beam_args, overwrite: bool, device: str) -> dict:
     argv = ["--corpus", cfg.pool, "--model", model, "--checkpoint", checkpoint,
-            "--output", output, "--precision", cfg.score_precision,
+            "--output", output, "--precision", cfg.score_precision, "--device", device,
             "--patch-dropout", str(cfg.score_patch_dropout)]
     if overwrite:
         argv.append("--overwrite")
@@ -109,7 +110,7 @@ def _embed(cfg: formats.RunConfig, *, model: str, checkpoint: str, output: str,
     return {"flops_per_example": card.flops_per_example, "embedded": stats["embedded"]}
 
 
-def _reference(cfg: formats.RunConfig, paths: _Paths, beam_args) -> dict:
+def _reference(cfg: formats.RunConfig, paths: _Paths, beam_args, device: str) -> dict:
     """The reference's embeddings of the pool, embedded once (cached by the embed stage).
 
     A resumed run whose pool and reference are what it recorded skips even the embed
@@ -126,7 +127,8 @@ def _reference(cfg: formats.RunConfig, paths: _Paths, beam_args) -> dict:
         if {k: recorded.get(k) for k in want} == want:
             return {k: recorded[k] for k in ("flops_per_example", "embedded")}
     ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
-                 output=paths.reference_embeddings, beam_args=beam_args, overwrite=False)
+                 output=paths.reference_embeddings, beam_args=beam_args, overwrite=False,
+                 device=device)
     formats.write_json_atomic(marker, {**want, **ref})
     return ref
 
@@ -222,6 +224,13 @@ class _Passes:
         return self._layouts[p]
 
 
+@dataclasses.dataclass(frozen=True)
+class _ScoringJob:
+    """Where the scoring jobs run: their device and their extra Beam options."""
+    device: str
+    beam_args: tuple
+
+
 def _relative(url: str, root: str) -> str:
     """`url` relative to `root` when inside it (records stay equal when a run moves)."""
     prefix = root.rstrip("/") + "/"
@@ -235,14 +244,15 @@ def _learner_spec(cfg: formats.RunConfig, checkpoint: str, device: str) -> scori
                                precision=cfg.score_precision, device=device)
 
 
-def _select_period(cfg, paths, passes, r0: int, beam_args, device: str) -> None:
+def _select_period(cfg, paths, passes, r0: int, beam_args, scoring_job) -> None:
     """One round job for the rounds r0..r0+k-1 that have no committed selection yet."""
     K = cfg.steps_per_round
     method = select_method(cfg.method)
     learner = None
     if "learner" in select_stage.needed_embeddings(method):
         checkpoint = train_lib.checkpoint_url(paths.learner(), r0 * K)
-        learner = _learner_spec(cfg, checkpoint, device)
+        learner = _learner_spec(cfg, checkpoint, scoring_job.device)
+        beam_args = list(beam_args) + list(scoring_job.beam_args)
     slices = []
     for r in range(r0, min(r0 + cfg.rescore_every, cfg.rounds)):
         rdir = _round_dir(paths.output, r)
@@ -285,7 +295,7 @@ def _online(cfg, paths, passes, r: int) -> online_lib.OnlineConfig:
         precision=cfg.score_precision)
 
 
-def _run_round(cfg, paths, passes, r, beam_args, device) -> dict:
+def _run_round(cfg, paths, passes, r, beam_args, scoring_job) -> dict:
     K = cfg.steps_per_round
     rdir = _round_dir(paths.output, r)
     done_url = formats.join_url(rdir, "round.json")
@@ -298,7 +308,8 @@ def _run_round(cfg, paths, passes, r, beam_args, device) -> dict:
             cfg.train_processes)
     else:
         if not formats.exists(formats.join_url(selection, "_SUCCESS")):
-            _select_period(cfg, paths, passes, r - r % cfg.rescore_every, beam_args, device)
+            _select_period(cfg, paths, passes, r - r % cfg.rescore_every, beam_args,
+                           scoring_job)
         trained = trainer_cli.train_with_processes(
             _train_config(cfg, paths, formats.join_url(selection, "shards"), (r + 1) * K),
             cfg.train_processes)
@@ -335,12 +346,15 @@ def pass_accounting(layout: formats.Layout, rounds_in_pass: int, steps_per_round
 
 def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Optional[str] = None,
                layouts: Optional[str] = None, beam_args=(), score_device: str = "cpu",
-               progress: Optional[progress_lib.RoundProgress] = None) -> dict:
+               score_beam_args=(), progress: Optional[progress_lib.RoundProgress] = None
+               ) -> dict:
     """Run (or resume) every round of `cfg` under `output`; returns summary.json's contents.
 
     `reference_embeddings` and `layouts` are shared roots runs may reuse (keyed by what
-    determines them); `score_device` is where the round jobs' learner scoring runs;
-    `progress` is called with each round's record as it finishes.
+    determines them). `beam_args` go to every Beam job; `score_beam_args` (e.g. GPU
+    worker options) only to the scoring jobs (the reference embed, and the round jobs of
+    methods that score with the learner), which score on `score_device`. `progress` is
+    called with each round's record as it finishes.
     """
     if cfg.pool is None:
         raise ValueError("the run config needs `pool` (the canonical corpus to curate)")
@@ -360,7 +374,7 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
         if cfg.reference_checkpoint is None:
             raise ValueError(f"method {cfg.method} needs reference_checkpoint (and every method "
                              "draws its pool from the reference embeddings)")
-        ref = _reference(cfg, paths, beam_args)
+        ref = _reference(cfg, paths, list(beam_args) + list(score_beam_args), score_device)
         if cfg.method != "uniform":  # Uniform consults no scores.
             reference_flops = ref["flops_per_example"] * ref["embedded"]
             per_example["reference_scoring"] = ref["flops_per_example"]
@@ -379,7 +393,8 @@ def run_rounds(cfg: formats.RunConfig, output: str, *, reference_embeddings: Opt
     records = []
     for r in range(cfg.rounds):
         resumed = formats.exists(formats.join_url(_round_dir(output, r), "round.json"))
-        records.append(_run_round(cfg, paths, passes, r, beam_args, score_device))
+        records.append(_run_round(cfg, paths, passes, r, beam_args,
+                                  _ScoringJob(score_device, tuple(score_beam_args))))
         if progress is not None:
             progress(records[-1], resumed=resumed)
     # Methods that consult the reference pay for training it (jest_curate/ledger.py).
@@ -426,8 +441,11 @@ def run(argv=None) -> int:
     p.add_argument("--layouts", help="shared root for the passes' candidate layouts (one "
                                      "directory per pool, seed and S)")
     p.add_argument("--score-device", choices=scoring.DEVICES, default="cpu",
-                   help="where the round jobs' workers score with the learner (cuda on GPU "
-                        "workers)")
+                   help="where the scoring jobs' workers score (cuda on GPU workers)")
+    p.add_argument("--score-beam-args", default="",
+                   help="Beam options for the scoring jobs only (reference embed; round jobs "
+                        "that score with the learner), one shell-quoted string, e.g. GPU "
+                        "worker options; the other options go to every job")
     progress_lib.add_verbose_flag(p)
     args, beam_args = options.parse_stage_args(p, argv)
     progress_lib.configure_logging(formats.join_url(args.output, "log.txt"), verbose=args.verbose)
@@ -435,6 +453,7 @@ def run(argv=None) -> int:
     summary = run_rounds(cfg, args.output, reference_embeddings=args.reference_embeddings,
                          layouts=args.layouts, beam_args=beam_args,
                          score_device=args.score_device,
+                         score_beam_args=shlex.split(args.score_beam_args),
                          progress=progress_lib.RoundProgress(cfg.rounds))
     print(json.dumps(summary["rounds"][-1]))
     return 0

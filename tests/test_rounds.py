@@ -390,3 +390,26 @@ def test_online_rounds_select_every_step_with_the_live_weights(setup, finished):
     assert first_super_batch(out).equals(first_super_batch(out_a))
     with pytest.raises(ValueError, match="rescore_every"):
         dataclasses.replace(cfg, selection_mode="online", rescore_every=2)
+
+
+def test_scoring_options_reach_the_scoring_jobs_only(setup, monkeypatch):
+    """GPU worker options (score_beam_args) go to the reference embed and the learner-
+    scoring round jobs, never to the layout; every job gets the common options."""
+    root, _, cfg = setup
+    calls = []
+    for module, name in ((rounds.embed_stage, "run"), (rounds.layout_stage, "run_layout"),
+                         (rounds.round_job, "run_round_job")):
+        real = getattr(module, name)
+
+        def record(*args, _real=real, _name=name):
+            calls.append((_name, [a for a in args if isinstance(a, list)][-1]))
+            return _real(*args)
+        monkeypatch.setattr(module, name, record)
+    marker = "--experiments=scoring_job_marker"
+    rounds.run_rounds(dataclasses.replace(cfg, rounds=1), str(root / "run_options"),
+                      beam_args=BEAM, score_beam_args=[marker],
+                      reference_embeddings=str(root / "ref_emb"))
+    assert [name for name, _ in calls] == ["run", "run_layout", "run_round_job"]
+    for name, args in calls:
+        assert BEAM[0] in args
+        assert (marker in args) == (name != "run_layout"), name
