@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Optional
 
@@ -339,6 +340,29 @@ def launcher_cost(args, cfg: formats.RunConfig, *, reference_root: str, layouts:
 
 
 # --------------------------------------------------------------------------- main
+
+def render_summary(report: dict) -> str:
+    """The README's lines for a committed run (tests/test_readme_figures.py checks them)."""
+    r, g, o = report["ratios"], report["gates"], report["overhead"]
+    hi, lo = max(report["scales"]), min(report["scales"])
+    tag = f"{hi}x_over_{lo}x"
+    n = {k: report["pool"][str(k)]["examples"] for k in (lo, hi)}
+    bullets = [
+        f"Pool {n[lo]:,} to {n[hi]:,} examples ({lo}x to {hi}x), a fixed round of "
+        f"K = {report['round_steps']} at b = {report['batch_size']}, S = "
+        f"{report['super_batch_size']}, the micro learner scoring every candidate.",
+        f"{hi}x over {lo}x: round CPU {r[f'round_cpu_{tag}']}, bytes read "
+        f"{r[f'round_read_bytes_{tag}']}, launcher peak RSS {r[f'launcher_peak_rss_{tag}']} "
+        f"(goal <= 1.15 each: {', '.join('pass' if g[k]['pass'] else 'FAIL' for k in ('round_cpu', 'round_read_bytes', 'launcher_peak_rss'))}).",
+        f"Fixed overhead over the round's work: {o['K4']['overhead']:.2f} at K = 4, "
+        f"{o['K50']['overhead']:.3f} at K = 50 (goal <= 0.2); online mode "
+        f"{o['online']['K4']['overhead']:.2f} and {o['online']['K50']['overhead']:.2f}.",
+        f"Layout, once per pass: {report['layout'][str(hi)]['cpu_us_per_example']:.0f} "
+        f"CPU us per example at {hi}x ({hi}x over {lo}x per example: "
+        f"{r[f'layout_cpu_per_example_{tag}']})."]
+    return "".join(textwrap.fill(b, 90, initial_indent="  - ", subsequent_indent="    ") + "\n"
+                   for b in bullets)
+
 
 def _gate(value: float, limit: float) -> dict:
     return {"value": value, "limit": limit, "pass": bool(value <= limit)}

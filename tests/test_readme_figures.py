@@ -31,3 +31,13 @@ def test_headline_is_the_full_study():
     summary = json.load(open(os.path.join(ROOT, BLOCKS["results"], "summary.json")))
     assert summary["settings"]["config"] == "demo_full.json"
     assert len(summary["settings"]["seeds"]) >= 3
+
+
+def test_readme_rounds_scale_block_equals_committed_summary():
+    from benchmarks import rounds_scale
+    summary = json.load(open(os.path.join(ROOT, "results/rounds_scale/summary.json")))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"<!-- rounds_scale:begin -->\n(.*?)<!-- rounds_scale:end -->", readme,
+                      re.S)
+    assert block and block.group(1) == rounds_scale.render_summary(summary)
+    assert all(gate["pass"] for gate in summary["gates"].values())
