@@ -1,6 +1,7 @@
 """Fixtures shared by several test modules."""
 import collections
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -10,6 +11,19 @@ import time
 
 import pytest
 import torch
+
+
+def file_digests(root: str, skip=("metrics.json",)) -> dict:
+    """{path relative to root: sha256} of every file under `root`, except those named in
+    `skip` (by default a round's metrics.json: measured seconds, meant to vary)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f not in skip:
+                path = os.path.join(dirpath, f)
+                with open(path, "rb") as fh:
+                    out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
 
 
 @contextlib.contextmanager

@@ -1,5 +1,4 @@
 """The layout job (one pass as candidate shards) and the map-only round job."""
-import hashlib
 import os
 
 import numpy as np
@@ -11,21 +10,14 @@ import torch
 from jest_core import filtering, sampler, scores
 from jest_curate import formats, hashing
 from pipelines import faults, layout, round_job
+from tests.conftest import file_digests
 from tests.test_select import make_corpus
 
 BEAM = ["--runner=FnApiRunner"]
 S, B = 20, 8
 
 
-def _digests(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            if f == round_job.METRICS:  # Measured seconds: meant to vary.
-                continue
-            path = os.path.join(dirpath, f)
-            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
+_digests = file_digests  # Every file but metrics.json (measured seconds).
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The select pipeline: exact super-batches, accounting, reproducibility, shard formats."""
 import collections
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from PIL import Image
 
 from jest_curate import formats
 from pipelines import select
+from tests.conftest import file_digests
 
 D = 16
 T, BIAS = 10.0, -10.0
@@ -97,12 +97,7 @@ def _manifest(out):
 
 
 def _file_digests(out):
-    digests = {}
-    for dirpath, _, files in os.walk(out):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            digests[os.path.relpath(path, out)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return digests
+    return file_digests(out, skip=())
 
 
 @pytest.fixture(scope="module")

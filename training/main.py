@@ -193,6 +193,11 @@ def _online_argv(online: "online_lib.OnlineConfig | None") -> list:
               "--online-precision": online.precision,
               "--online-compute-dtype": online.compute_dtype,
               "--online-scoring-batch-size": online.scoring_batch_size}
+    return _as_argv(flags_)
+
+
+def _as_argv(flags_: dict) -> list:
+    """{flag: value} as argv; None values are left out, floats keep every digit."""
     return [str(x) for flag, value in flags_.items() if value is not None
             for x in (flag, repr(value) if isinstance(value, float) else value)]
 
@@ -215,9 +220,8 @@ def train_argv(config: train_lib.TrainConfig) -> list:
               "--low-res-size": config.low_res_size,
               "--low-res-fraction": config.low_res_fraction,
               "--window-shards": config.window_shards, "--log-every": config.log_every}
-    argv = [str(x) for flag, value in flags_.items() if value is not None
-            for x in (flag, repr(value) if isinstance(value, float) else value)]
-    return argv + _online_argv(config.online) + (["--resume"] if config.resume else []) + (
+    return _as_argv(flags_) + _online_argv(config.online) + (
+        ["--resume"] if config.resume else []) + (
         [] if config.tensorboard else ["--no-tensorboard"])
 
 
