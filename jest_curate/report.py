@@ -406,6 +406,13 @@ def render_table(summary: dict) -> str:
                  + (f"{beats['mean']:+.3f}{_ci(beats['ci'], '+.3f')}"
                     + (" (not significant)" if beats.get("significant") is False else "")
                     if beats else "n/a") + "\n")
+    settings = summary.get("settings") or {}
+    if settings.get("wall_seconds"):
+        m = settings.get("machine") or {}
+        lines.append(f"study wall time: {settings['wall_seconds'] / 60:.1f} min, data, "
+                     f"reference and every run included, on {m.get('cpus', '?')} CPUs "
+                     f"({m.get('cpu', '?')}; torch {m.get('torch', '?')}, "
+                     f"{m.get('torch_threads', '?')} threads)\n")
     return "\n".join(lines) + "\n"
 
 

@@ -9,10 +9,12 @@ reference-amortised) with bootstrap intervals over seeds (jest_curate/report.py)
 methods and levers); it may take hours.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -134,8 +136,10 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
     """
     cfg = DemoConfig.load(config_path)
     data = os.path.join(output, "data")
-    demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
-    reference = _reference(cfg, data, os.path.join(output, "reference"))
+    with _timed(os.path.join(output, "data_timing.json")):
+        demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
+    with _timed(os.path.join(output, "reference", "timing.json")):
+        reference = _reference(cfg, data, os.path.join(output, "reference"))
     log.info("reference: %s", reference["eval"])
     print(f"reference: zero-shot {reference['eval'][report_lib.METRIC]:.3f}", flush=True)
     runs = {}
@@ -151,18 +155,47 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
             "reference_training_flops": reference["training_flops"],
             "eval_data": formats.join_url(data, "eval")})
         log.info("running %s", run_cfg.name)
-        rounds_lib.run_rounds(run_cfg, run_dir, beam_args=beam_args,
-                              reference_embeddings=os.path.join(output, "reference_embeddings"),
-                              layouts=os.path.join(output, "layouts"),
-                              progress=progress_lib.RoundProgress(
-                                  run_cfg.rounds, label=f"{run_cfg.name}: "))
+        with _timed(os.path.join(run_dir, "timing.json")):
+            rounds_lib.run_rounds(
+                run_cfg, run_dir, beam_args=beam_args,
+                reference_embeddings=os.path.join(output, "reference_embeddings"),
+                layouts=os.path.join(output, "layouts"),
+                progress=progress_lib.RoundProgress(run_cfg.rounds,
+                                                    label=f"{run_cfg.name}: "))
     if part is not None:
         return None
+    timings = [os.path.join(output, "data_timing.json"),
+               os.path.join(output, "reference", "timing.json")] + [
+        os.path.join(d, "timing.json") for budgets in runs.values() for dirs in budgets.values()
+        for d in dirs]
     return report_lib.write_report(
         os.path.join(output, "report"), runs=runs,
         reference=reference,
         noise_dir=os.path.join(data, "ground_truth", "noise"),
-        settings={"config": os.path.basename(config_path), **dataclasses.asdict(cfg)})
+        settings={"config": os.path.basename(config_path), **dataclasses.asdict(cfg),
+                  "wall_seconds": round(sum(formats.read_json(t)["wall_seconds"]
+                                            for t in timings if os.path.exists(t)), 1),
+                  "machine": _machine()})
+
+
+@contextlib.contextmanager
+def _timed(url: str):
+    """Records the body's wall seconds at `url`, added to what earlier (interrupted or
+    finished) calls recorded there, so a resumed study still sums its real time."""
+    before = formats.read_json(url)["wall_seconds"] if os.path.exists(url) else 0.0
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        formats.write_json_atomic(url, {"wall_seconds": before + time.perf_counter() - start})
+
+
+def _machine() -> dict:
+    import platform
+    import torch
+    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__}
 
 
 def plan_runs(cfg: DemoConfig) -> list:
