@@ -1062,6 +1062,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.chunks > self.batch_size:
+            raise ValueError(f"chunks ({self.chunks}) > batch_size ({self.batch_size}): every "
+                             f"chunk needs at least one example")
         if self.score_precision not in ("fp32", "bf16"):
             raise ValueError(f"score_precision must be fp32 or bf16, got {self.score_precision}")
         if self.selection_mode not in ("offline", "online"):

@@ -127,7 +127,8 @@ def parse_part(text: str) -> tuple:
     return index, count
 
 
-def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] = None):
+def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] = None,
+             score_device: str = "cpu"):
     """Runs the study (resuming what is done) and returns summary.json's contents.
 
     With `part=(I, N)` only runs I, I+N, I+2N, ... (in config order) are run and no report
@@ -157,7 +158,7 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
         log.info("running %s", run_cfg.name)
         with _timed(os.path.join(run_dir, "timing.json")):
             rounds_lib.run_rounds(
-                run_cfg, run_dir, beam_args=beam_args,
+                run_cfg, run_dir, beam_args=beam_args, score_device=score_device,
                 reference_embeddings=os.path.join(output, "reference_embeddings"),
                 layouts=os.path.join(output, "layouts"),
                 progress=progress_lib.RoundProgress(run_cfg.rounds,
@@ -225,6 +226,8 @@ def run(argv=None) -> int:
     p.add_argument("--output", default="demo_out", help="demo directory (resumed if present)")
     p.add_argument("--full", action="store_true", help="the full study (hours)")
     p.add_argument("--config", help="a demo config JSON (default: the committed one)")
+    p.add_argument("--score-device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the Beam stages score (the trainer uses a GPU when present)")
     p.add_argument("--part", type=parse_part, metavar="I/N",
                    help="run only every N-th run from the I-th and skip the report, to split "
                         "a study over N processes sharing --output (start them after the "
@@ -234,7 +237,7 @@ def run(argv=None) -> int:
     progress_lib.configure_logging(os.path.join(args.output, "log.txt"), verbose=args.verbose)
     config = args.config or str(CONFIG_DIR / ("demo_full.json" if args.full else "demo.json"))
     summary = run_demo(config, args.output, beam_args=beam_args or ["--runner=FnApiRunner"],
-                       part=args.part)
+                       part=args.part, score_device=args.score_device)
     if summary is None:
         print("part %s/%s done; rerun without --part to write the report" % args.part)
         return 0

@@ -105,3 +105,30 @@ def test_budgets_must_be_whole_rounds(tmp_path):
     config.write_text(json.dumps({**TINY, "budget_steps": [3]}))
     with pytest.raises(ValueError, match="whole number of rounds"):
         demo.plan_runs(demo.DemoConfig.load(str(config)))
+
+
+def test_the_gpu_recipe_runs_on_cpu_at_a_tiny_budget(tmp_path):
+    """jest_curate/configs/demo_gpu.json (the headline study at 10x the budget, a larger
+    model, one GPU) as committed, shrunk only in sizes, steps and seeds."""
+    cfg = json.load(open(os.path.join(demo.CONFIG_DIR, "demo_gpu.json")))
+    full = json.load(open(os.path.join(demo.CONFIG_DIR, "demo_full.json")))
+    assert min(cfg["budget_steps"]) >= 10 * min(full["budget_steps"])
+    assert set(cfg["variants"]) == set(full["variants"]) and cfg["methods"] == full["methods"]
+    cfg.update(corpus=TINY["corpus"], budget_steps=[2], seeds=[0])
+    cfg["reference"].update(steps=2, eval_every=1, patience=1, warmup_steps=0)
+    cfg["run"].update(batch_size=8, super_batch_size=40, filter_ratio=None, chunks=4,
+                      steps_per_round=2,
+                      rounds=1, warmup_steps=0, eval_max_examples=16)
+    cfg["run"] = {k: v for k, v in cfg["run"].items() if v is not None}
+    for variant in cfg["variants"].values():
+        if variant["method"] == "clip-score":
+            variant.update(super_batch_size=8)
+            variant.pop("filter_ratio")
+    config = tmp_path / "gpu_tiny.json"
+    config.write_text(json.dumps(cfg))
+    out = str(tmp_path / "demo")
+    assert demo.run(["--config", str(config), "--output", out, "--runner=FnApiRunner"]) == 0
+    summary = json.load(open(os.path.join(out, "report", "summary.json")))
+    assert set(summary["methods"]) == {"uniform", "independent", "jest", "clip-score-30",
+                                       "clip-score-20", "jest-flexi"}
+    assert summary["settings"]["wall_seconds"] > 0 and summary["settings"]["machine"]["cpus"]
