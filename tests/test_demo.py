@@ -132,3 +132,14 @@ def test_the_gpu_recipe_runs_on_cpu_at_a_tiny_budget(tmp_path):
     assert set(summary["methods"]) == {"uniform", "independent", "jest", "clip-score-30",
                                        "clip-score-20", "jest-flexi"}
     assert summary["settings"]["wall_seconds"] > 0 and summary["settings"]["machine"]["cpus"]
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(demo.CONFIG_DIR)))
+def test_every_committed_study_config_plans_valid_runs(name):
+    if not name.startswith("demo"):
+        pytest.skip("not a study config")
+    cfg = demo.DemoConfig.load(os.path.join(demo.CONFIG_DIR, name))
+    plan = demo.plan_runs(cfg)
+    assert plan
+    for variant, steps, seed, fields in plan:
+        formats.RunConfig(**{**fields, "name": f"{variant}-b{steps}-s{seed}", "seed": seed})
