@@ -38,7 +38,6 @@ from jest_core import sampler
 from jest_curate import formats
 from jest_curate import hashing
 from pipelines import faults, options
-from pipelines import select as select_stage
 from training import scoring
 from training import selection
 from training.flops import StepFlops
@@ -74,7 +73,7 @@ class RoundJobConfig:
     scoring_batch_size: int = 256  # Examples per learner forward pass.
 
     def __post_init__(self):
-        needs = select_stage.needed_embeddings(self.method)
+        needs = sampler.needed_embeddings(self.method)
         if "learner" in needs and self.learner is None:
             raise ValueError(f"method {self.method!r} needs a learner checkpoint")
         if not 1 <= self.batch_size <= self.super_batch_size:
@@ -88,7 +87,7 @@ class RoundJobConfig:
 
     @property
     def needs(self) -> tuple:
-        return select_stage.needed_embeddings(self.method)
+        return sampler.needed_embeddings(self.method)
 
     @property
     def settings(self) -> selection.SelectionSettings:
@@ -378,7 +377,7 @@ def run(argv=None, test_pipeline=None) -> int:
     p.add_argument("--super-batches", required=True, help="FIRST:STOP super-batches of the pass")
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--output", required=True, help="the round's selection directory")
-    p.add_argument("--method", default="jest", choices=sorted(select_stage._NEEDS))
+    p.add_argument("--method", default="jest", choices=sorted(sampler.NEEDS))
     p.add_argument("--batch-size", type=int, required=True, help="b")
     p.add_argument("--chunks", type=int, default=16, help="N chunks per sub-batch")
     p.add_argument("--temperature", type=float, default=1.0)

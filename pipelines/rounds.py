@@ -42,6 +42,7 @@ import posixpath
 import shlex
 from typing import Optional
 
+from jest_core import sampler
 from jest_curate import formats
 from jest_curate import hashing
 from jest_curate import ledger as ledger_lib
@@ -51,7 +52,6 @@ from pipelines import embed as embed_stage
 from pipelines import layout as layout_stage
 from pipelines import options
 from pipelines import round_job
-from pipelines import select as select_stage
 from training import evaluate as evaluate_lib
 from training import main as trainer_cli
 from training import model as model_lib
@@ -249,7 +249,7 @@ def _select_period(cfg, paths, passes, r0: int, beam_args, scoring_job) -> None:
     K = cfg.steps_per_round
     method = select_method(cfg.method)
     learner = None
-    if "learner" in select_stage.needed_embeddings(method):
+    if "learner" in sampler.needed_embeddings(method):
         checkpoint = train_lib.checkpoint_url(paths.learner(), r0 * K)
         learner = _learner_spec(cfg, checkpoint, scoring_job.device)
         beam_args = list(beam_args) + list(scoring_job.beam_args)
