@@ -15,6 +15,7 @@ full learning-rate schedule, over paired seeds. From every run's *final* evaluat
 used a mid-run checkpoint rule; those carry no "format" key.
 """
 import os
+import textwrap
 from typing import Optional
 
 import numpy as np
@@ -414,6 +415,77 @@ def render_table(summary: dict) -> str:
                      f"({m.get('cpu', '?')}; torch {m.get('torch', '?')}, "
                      f"{m.get('torch_threads', '?')} threads)\n")
     return "\n".join(lines) + "\n"
+
+
+def _significance(d: dict) -> str:
+    if d.get("significant") is None:
+        return "one seed: no interval"
+    return "significant" if d["significant"] else "not significant"
+
+
+def _pool_size(row: dict) -> Optional[float]:
+    ledger, fpe = row["ledger"][-1], row.get("flops_per_example") or {}
+    if not ledger.get("reference_scoring") or not fpe.get("reference_scoring"):
+        return None
+    return ledger["reference_scoring"] / fpe["reference_scoring"]
+
+
+def render_findings(summary: dict, *, jest: str = "jest", num_resamples: int = 2000) -> str:
+    """The README's findings, as bullets computed from a study summary (so every number
+    in them is checked against it): JEST against uniform and against each clip-score
+    variant (paired by seed, bootstrap intervals), and what bounds the speedups: the
+    reference's accuracy, passes over the pool, and where JEST's FLOPs go."""
+    methods, target = summary["methods"], summary["target_accuracy"]
+    j, base = methods[jest], methods[BASELINE]
+    largest = j["budgets"][-1]
+    lines = []
+    d = j["difference_to_uniform"][-1]
+    lines.append(
+        f"- **{jest} vs uniform** at {largest} steps: {d['mean']:+.3f} zero-shot"
+        f"{_ci(d['ci'], '+.3f')} ({_significance(d)}). To reach uniform's accuracy at its "
+        f"largest budget ({target:.3f}) it needs "
+        + ("more than its largest budget" if j["examples_speedup"] is None else
+           f"{_speedup_cell(j, 'examples_speedup')} fewer examples, "
+           f"{_speedup_cell(j, 'flops_all_in_speedup')} fewer FLOPs all-in and "
+           f"{_speedup_cell(j, 'flops_amortised_speedup')} with the reference amortised")
+        + ".")
+    for m in sorted(k for k in methods if k.startswith("clip-score")):
+        c = methods[m]
+        common = [b for b in j["budgets"] if b in c["budgets"]]
+        if not common:
+            continue
+        b = common[-1]
+        diff = study_stats.paired_difference(
+            j["accuracy_per_seed"][j["budgets"].index(b)],
+            c["accuracy_per_seed"][c["budgets"].index(b)], num_resamples=num_resamples)
+        lines.append(f"- **{jest} vs {m}** at {b} steps: {diff['mean']:+.3f} zero-shot"
+                     f"{_ci(diff['ci'], '+.3f')} ({_significance(diff)}); {m} alone: "
+                     f"{c['accuracy_mean'][-1]:.3f} against uniform's "
+                     f"{base['accuracy_mean'][-1]:.3f}.")
+    ref = summary.get("reference_zero_shot")
+    if ref is not None:
+        lines.append(f"- **The reference's own accuracy** is {ref:.3f}: uniform's target "
+                     f"({target:.3f}) is {target / ref:.2f} of it, and {jest} ends at "
+                     f"{j['accuracy_mean'][-1]:.3f}.")
+    pool = _pool_size(j)
+    if pool:
+        consumed = j["ledger"][-1]["learner_scoring"] / j["flops_per_example"][
+            "learner_scoring"] if j["flops_per_example"].get("learner_scoring") else None
+        if consumed:
+            lines.append(f"- **The pool.** At {largest} steps {jest} draws {consumed:,.0f} "
+                         f"candidates from a pool of {pool:,.0f}: {consumed / pool:.1f} "
+                         "passes" + (", so it sees its picks again (the paper filters a "
+                                     "fresh web-scale stream)." if consumed > pool else "."))
+    ledger = j["ledger"][-1]
+    lines.append(
+        f"- **Where {jest}'s FLOPs go** at {largest} steps (all-in "
+        f"{ledger['all_in']:.3g}): training {ledger['training'] / ledger['all_in']:.0%}, "
+        f"learner scoring {ledger['learner_scoring'] / ledger['all_in']:.0%}, reference "
+        f"scoring {ledger['reference_scoring'] / ledger['all_in']:.0%}, reference training "
+        f"{ledger['reference_training'] / ledger['all_in']:.0%}, selection "
+        f"{ledger['selection'] / ledger['all_in']:.1%}; uniform's run costs "
+        f"{base['ledger'][-1]['all_in']:.3g}.")
+    return "".join(textwrap.fill(line, 90, subsequent_indent="  ") + "\n" for line in lines)
 
 
 def _render_legacy_table(summary: dict) -> str:

@@ -128,3 +128,22 @@ def test_seed_noise_makes_a_speedup_not_significant():
     assert row["examples_speedup_significant"] is False
     assert row["difference_to_uniform"][-1]["significant"] is False
     assert "not significant" in report.render_table({**summary, "settings": {}})
+
+
+def test_findings_read_the_summary_they_are_rendered_from():
+    uniform, jest = _log_curve(0.30, 0.05), _log_curve(0.375, 0.05)
+    clip = _log_curve(0.32, 0.05)
+    seeds = 5
+    metrics = _metrics({"uniform": [uniform] * seeds, "jest": [jest] * seeds,
+                        "clip-score-20": [clip] * seeds},
+                       {"uniform": 1.0, "jest": 3.0, "clip-score-20": 1.0},
+                       reference_training=1000)
+    summary = report.study_summary(metrics, num_resamples=200)
+    summary["reference_zero_shot"] = 0.5
+    text = report.render_findings(summary, num_resamples=200).replace("\n  ", " ")
+    assert "**jest vs uniform** at 8000 steps: +0.075 zero-shot [+0.075, +0.075] " \
+           "(significant)" in text
+    assert f"{8000 / (2000 * math.sqrt(2)):.2f}x" in text
+    assert "**jest vs clip-score-20** at 8000 steps: +0.055 zero-shot" in text
+    assert "uniform's target (0.450) is 0.90 of it" in text
+    assert "Where jest's FLOPs go" in text
