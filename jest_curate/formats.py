@@ -1043,7 +1043,9 @@ class RunConfig:
     eval_every: int = 1  # Rounds between evaluations (the last round is always evaluated).
     eval_max_examples: Optional[int] = None  # Cap per eval split, for quick runs.
     train_processes: int = 1  # Data-parallel trainer processes (torchrun; one per GPU).
-    candidate_shard_rows: int = 4096  # Rows per candidate shard of a pass's layout.
+    # At most this many rows per candidate shard of a pass's layout (rounded down to a
+    # divisor of K super-batches, so a round reads exactly its own shards).
+    candidate_shard_rows: int = 4096
     # "offline": a round job per rescoring period selects with a stored checkpoint.
     # "online": the trainer selects every step's super-batch with its live weights (the
     # paper's JEST; no staleness), from the same layout, writing the same manifest rows.

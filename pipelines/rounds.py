@@ -179,11 +179,25 @@ def _evaluate(cfg: formats.RunConfig, checkpoint: str) -> dict:
     return evaluate_checkpoint(checkpoint, eval_data(cfg.eval_data, cfg.eval_max_examples))
 
 
+def round_aligned_shard_rows(super_batch_size: int, steps_per_round: int, most: int) -> int:
+    """Rows per candidate shard: G super-batches, G the largest divisor of K with G·S <=
+    `most` (at least 1), so every round reads whole shards of its own and nothing more."""
+    G = max([g for g in range(1, steps_per_round + 1)
+             if steps_per_round % g == 0 and g * super_batch_size <= most] or [1])
+    return G * super_batch_size
+
+
 def layout_key(spec: formats.LayoutSpec) -> str:
     """Names a pass layout's family (everything but the pass), readable and unique."""
     fields = dataclasses.asdict(dataclasses.replace(spec, pass_index=0))
     digest = hashing.blake2b_fields(json.dumps(fields, sort_keys=True), digest_size=6).hex()
     return f"S{spec.super_batch_size}-seed{spec.seed % 10**6}-{digest}"
+
+
+def _what_selects(spec: dict) -> dict:
+    """A layout spec less how super-batches are grouped into files (which changes no
+    super-batch, no selection and no training order)."""
+    return {k: v for k, v in spec.items() if k != "shard_super_batches"}
 
 
 class _Passes:
@@ -205,12 +219,15 @@ class _Passes:
                 reference=None if cfg.method == "hard-learner" else
                 self._paths.reference_embeddings,
                 super_batch_size=cfg.resolved_super_batch_size,
-                shard_rows=cfg.candidate_shard_rows, keep=self._keep)
+                shard_rows=round_aligned_shard_rows(
+                    cfg.resolved_super_batch_size, cfg.steps_per_round,
+                    cfg.candidate_shard_rows), keep=self._keep)
             pinned_url = formats.join_url(self._paths.output, "passes", f"p{p:04d}.json")
             root = formats.join_url(self._paths.layouts, layout_key(spec), f"p{p:04d}")
             if formats.exists(pinned_url):
                 pinned = formats.read_json(pinned_url)
-                if pinned["spec"] != json.loads(json.dumps(dataclasses.asdict(spec))):
+                if _what_selects(pinned["spec"]) != _what_selects(
+                        json.loads(json.dumps(dataclasses.asdict(spec)))):
                     raise ValueError(
                         f"pass {p} of this run was laid out from another pool, reference or "
                         f"filter ({pinned_url}); the inputs changed under the run: use a new "

@@ -413,3 +413,10 @@ def test_scoring_options_reach_the_scoring_jobs_only(setup, monkeypatch):
     for name, args in calls:
         assert BEAM[0] in args
         assert (marker in args) == (name != "run_layout"), name
+
+
+def test_candidate_shards_align_with_rounds():
+    assert rounds.round_aligned_shard_rows(512, 4, 4096) == 2048  # One shard per round.
+    assert rounds.round_aligned_shard_rows(512, 50, 4096) == 5 * 512  # 10 shards per round.
+    assert rounds.round_aligned_shard_rows(320, 7, 4096) == 7 * 320
+    assert rounds.round_aligned_shard_rows(10_000, 4, 4096) == 10_000  # S alone is larger.
