@@ -129,7 +129,8 @@ def _reference(cfg: formats.RunConfig, paths: _Paths, beam_args, device: str) ->
     ref = _embed(cfg, model=cfg.reference_model, checkpoint=cfg.reference_checkpoint,
                  output=paths.reference_embeddings, beam_args=beam_args, overwrite=False,
                  device=device)
-    formats.write_json_atomic(marker, {**want, **ref})
+    if not formats.exists(marker):  # What the run started from (a change is refused later).
+        formats.write_json_atomic(marker, {**want, **ref})
     return ref
 
 
