@@ -65,7 +65,10 @@ class DemoConfig:
     reference: dict
     run: dict  # RunConfig fields shared by every method (no name/seed/method/paths).
     data_seed: int = 0
-    variants: dict = dataclasses.field(default_factory=dict)  # name -> {method, RunConfig overrides}
+    # name -> {method, RunConfig overrides, optionally its own "budget_steps"}; a variant
+    # named like a method replaces it (e.g. uniform with larger budgets, so the target
+    # accuracy is uniform's at a budget the selecting methods only need a part of).
+    variants: dict = dataclasses.field(default_factory=dict)
     corpus: dict = dataclasses.field(default_factory=dict)  # demo_data.build_demo_corpus sizes
     # Training budgets in steps: every method runs once per budget (and seed), each run
     # with its own full schedule. Empty: one budget, the run's rounds x steps_per_round.
@@ -209,9 +212,11 @@ def plan_runs(cfg: DemoConfig) -> list:
     variants.update(cfg.variants)
     plan = []
     for name, variant in variants.items():
+        variant = dict(variant)
+        own_budgets = variant.pop("budget_steps", None)  # A variant may add budgets.
         fields = {**cfg.run, **variant}
         k = fields["steps_per_round"]
-        budgets = cfg.budget_steps or (fields["rounds"] * k,)
+        budgets = own_budgets or cfg.budget_steps or (fields["rounds"] * k,)
         for steps in budgets:
             if steps % k:
                 raise ValueError(f"budget of {steps} steps is not a whole number of rounds of "

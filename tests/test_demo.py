@@ -143,3 +143,14 @@ def test_every_committed_study_config_plans_valid_runs(name):
     assert plan
     for variant, steps, seed, fields in plan:
         formats.RunConfig(**{**fields, "name": f"{variant}-b{steps}-s{seed}", "seed": seed})
+
+
+def test_a_variant_can_run_its_own_budgets():
+    cfg = demo.DemoConfig.load(os.path.join(demo.CONFIG_DIR, "demo_full.json"))
+    cfg = demo.DemoConfig(**{**cfg.__dict__, "variants": {
+        **cfg.variants, "uniform": {"method": "uniform", "budget_steps": [50, 800]}}})
+    budgets = {}
+    for name, steps, _, fields in demo.plan_runs(cfg):
+        budgets.setdefault(name, set()).add(steps)
+        assert "budget_steps" not in fields
+    assert budgets["uniform"] == {50, 800} and budgets["jest"] == set(cfg.budget_steps)
