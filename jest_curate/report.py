@@ -485,7 +485,15 @@ def render_findings(summary: dict, *, jest: str = "jest", num_resamples: int = 2
         f"{ledger['reference_training'] / ledger['all_in']:.0%}, selection "
         f"{ledger['selection'] / ledger['all_in']:.1%}; uniform's run costs "
         f"{base['ledger'][-1]['all_in']:.3g}.")
-    return "".join(textwrap.fill(line, 90, subsequent_indent="  ") + "\n" for line in lines)
+    budgets = sorted({b for r in methods.values() for b in r["budgets"]})
+    curve = ["", "| zero-shot by budget (steps), mean of seeds | " + " | ".join(map(str, budgets))
+             + " |", "| --- |" + " --- |" * len(budgets)]
+    for m in _ordered(methods):
+        acc = dict(zip(methods[m]["budgets"], methods[m]["accuracy_mean"]))
+        curve.append(f"| {m} | " + " | ".join(f"{acc[b]:.3f}" if b in acc else "-"
+                                               for b in budgets) + " |")
+    return "".join(textwrap.fill(line, 90, subsequent_indent="  ") + "\n" for line in lines) \
+        + "\n".join(curve) + "\n"
 
 
 def _render_legacy_table(summary: dict) -> str:
