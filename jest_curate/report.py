@@ -413,7 +413,7 @@ def render_table(summary: dict) -> str:
         lines.append(f"study wall time: {settings['wall_seconds'] / 60:.1f} min, data, "
                      f"reference and every run included, on {m.get('cpus', '?')} CPUs "
                      f"({m.get('cpu', '?')}; torch {m.get('torch', '?')}, "
-                     f"{m.get('torch_threads', '?')} threads)\n")
+                     f"{m.get('torch_threads', '?')} thread{'' if m.get('torch_threads') == 1 else 's'})\n")
     return "\n".join(lines) + "\n"
 
 
@@ -444,10 +444,13 @@ def render_findings(summary: dict, *, jest: str = "jest", num_resamples: int = 2
         f"- **{jest} vs uniform** at {largest} steps: {d['mean']:+.3f} zero-shot"
         f"{_ci(d['ci'], '+.3f')} ({_significance(d)}). To reach uniform's accuracy at its "
         f"largest budget ({target:.3f}) it needs "
-        + ("more than its largest budget" if j["examples_speedup"] is None else
-           f"{_speedup_cell(j, 'examples_speedup')} fewer examples, "
-           f"{_speedup_cell(j, 'flops_all_in_speedup')} fewer FLOPs all-in and "
-           f"{_speedup_cell(j, 'flops_amortised_speedup')} with the reference amortised")
+        + (f"more than its own largest budget: its speedup in examples, if any, is below "
+           f"{base['examples'][-1] / j['examples'][-1]:.1f}x (uniform's largest budget over "
+           f"its own)" if j["examples_speedup"] is None else
+           f"a speedup of {_speedup_cell(j, 'examples_speedup')} in examples, "
+           f"{_speedup_cell(j, 'flops_all_in_speedup')} in FLOPs all-in and "
+           f"{_speedup_cell(j, 'flops_amortised_speedup')} with the reference amortised "
+           f"(below 1x: more FLOPs than uniform)")
         + ".")
     for m in sorted(k for k in methods if k.startswith("clip-score")):
         c = methods[m]
@@ -458,10 +461,11 @@ def render_findings(summary: dict, *, jest: str = "jest", num_resamples: int = 2
         diff = study_stats.paired_difference(
             j["accuracy_per_seed"][j["budgets"].index(b)],
             c["accuracy_per_seed"][c["budgets"].index(b)], num_resamples=num_resamples)
+        at_b = (f" against uniform's {base['accuracy_mean'][base['budgets'].index(b)]:.3f}"
+                if b in base["budgets"] else "")
         lines.append(f"- **{jest} vs {m}** at {b} steps: {diff['mean']:+.3f} zero-shot"
                      f"{_ci(diff['ci'], '+.3f')} ({_significance(diff)}); {m} alone: "
-                     f"{c['accuracy_mean'][-1]:.3f} against uniform's "
-                     f"{base['accuracy_mean'][-1]:.3f}.")
+                     f"{c['accuracy_mean'][c['budgets'].index(b)]:.3f}{at_b}.")
     ref = summary.get("reference_zero_shot")
     if ref is not None:
         lines.append(f"- **The reference's own accuracy** is {ref:.3f}: uniform's target "

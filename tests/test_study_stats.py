@@ -143,7 +143,7 @@ def test_findings_read_the_summary_they_are_rendered_from():
     text = report.render_findings(summary, num_resamples=200).replace("\n  ", " ")
     assert "**jest vs uniform** at 8000 steps: +0.075 zero-shot [+0.075, +0.075] " \
            "(significant)" in text
-    assert f"{8000 / (2000 * math.sqrt(2)):.2f}x" in text
+    assert f"a speedup of {8000 / (2000 * math.sqrt(2)):.2f}x" in text
     assert "**jest vs clip-score-20** at 8000 steps: +0.055 zero-shot" in text
     assert "uniform's target (0.450) is 0.90 of it" in text
     assert "Where jest's FLOPs go" in text
