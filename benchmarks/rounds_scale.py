@@ -193,7 +193,8 @@ def pass_layout(cfg: formats.RunConfig, *, reference: str, layouts: str):
     spec = layout_stage.layout_spec(
         pool=cfg.pool, reference=reference, seed=hashing.derive_seed(cfg.seed, "passes"),
         pass_index=0, super_batch_size=cfg.resolved_super_batch_size,
-        shard_rows=cfg.candidate_shard_rows)
+        shard_rows=rounds.round_aligned_shard_rows(cfg.resolved_super_batch_size,
+                                                   cfg.steps_per_round, cfg.candidate_shard_rows))
     return spec, formats.join_url(layouts, rounds.layout_key(spec), "p0000")
 
 

@@ -1064,7 +1064,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.chunks > self.batch_size:
+        if self.method in ("jest", "easy-reference", "hard-learner") and \
+                self.chunks > self.batch_size:  # The joint methods draw in N chunks.
             raise ValueError(f"chunks ({self.chunks}) > batch_size ({self.batch_size}): every "
                              f"chunk needs at least one example")
         if self.score_precision not in ("fp32", "bf16"):

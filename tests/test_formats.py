@@ -305,7 +305,7 @@ def test_checkpoint_errors(tmp_path):
 def _run_config(**kw):
     base = dict(name="t", seed=3, method="jest", batch_size=8, steps_per_round=2, rounds=2,
                 learner_model="jest-vit-micro-28", reference_model="jest-vit-micro-28",
-                filter_ratio=0.8)
+                filter_ratio=0.8, chunks=4)
     return formats.RunConfig(**{**base, **kw})
 
 
@@ -328,6 +328,7 @@ def test_run_config_round_trip(tmp_path):
     (dict(batch_size=0), "batch_size"),
     (dict(temperature=0.0), "temperature"),
     (dict(score_precision="fp8"), "score_precision"),
+    (dict(chunks=16), "chunks"),  # Joint selection draws N <= b chunks.
 ])
 def test_run_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -218,7 +218,7 @@ def test_arbitrary_pickle_checkpoints_are_refused_everywhere(corpus_root, evil_c
             resume=True, tensorboard=False))
     # A rounds run whose reference checkpoint it is fails before any stage runs.
     cfg = formats.RunConfig(
-        name="evil", seed=0, method="jest", batch_size=8, super_batch_size=40,
+        name="evil", seed=0, method="jest", batch_size=8, super_batch_size=40, chunks=4,
         steps_per_round=1, rounds=1, learner_model=MODEL, reference_model=MODEL,
         pool=os.path.join(corpus_root, "corpus"), reference_checkpoint=url)
     with pytest.raises(formats.CheckpointError):
