@@ -19,7 +19,6 @@ super-batches' candidate shards (pipelines/round_job.py). Nothing per shard or p
 example enters the job graph; the corpus's index is read on a worker.
 """
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -173,7 +172,7 @@ class _RankBucket(beam.DoFn):
     def process(self, element, counts) -> Iterable[Any]:
         bucket, parts = element
         counts = counts["histogram"]
-        S, G = self._spec.super_batch_size, self._spec.shard_super_batches
+        S = self._spec.super_batch_size
         keys = pa.concat_tables(parts)
         uids = keys.column("uid").to_pylist()
         order = rank_order(keys.column("hash").to_numpy(), uids)
