@@ -43,7 +43,7 @@ __all__ = [
     "write_json_atomic", "read_json", "write_bytes_atomic", "sha256_file",
     "join_url", "FormatError", "CANDIDATE_SCHEMA", "CARRIED_SCHEMA", "ROUND_MANIFEST_SCHEMA",
     "LayoutSpec", "CandidateShard", "Layout", "write_layout", "read_layout",
-    "read_shard_bytes", "read_row_groups",
+    "read_shard_bytes", "read_row_groups", "ShardsById", "remove_tree",
 ]
 
 
@@ -466,6 +466,21 @@ def remove_index(root: str) -> None:
     fs, path = _fs(join_url(root, INDEX))
     if fs.exists(path):
         fs.rm(path)
+
+
+class ShardsById:
+    """A dataset's shards by id, read from its index once (e.g. once per worker process,
+    through Beam's `shared.Shared`, which needs an object, not a dict)."""
+
+    def __init__(self, root: str):
+        self.by_id = {s.shard_id: s for s in list_shards(root)}
+
+
+def remove_tree(url: str) -> None:
+    """Delete a file or a directory and everything under it, if it exists."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def committed_shard(root: str, shard_id: str) -> Optional[ShardInfo]:

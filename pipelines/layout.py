@@ -93,12 +93,6 @@ def layout_spec(*, pool: str, reference: Optional[str], seed: int, pass_index: i
         shard_super_batches=max(1, shard_rows // super_batch_size), keep=keep)
 
 
-class _Shards:
-    """A dataset's shards by id, from its index, once per worker process."""
-
-    def __init__(self, root: str):
-        self.by_id = {s.shard_id: s for s in formats.list_shards(root)}
-
 
 def _reference(spec, shards, shard: formats.ShardInfo):
     """The reference embeddings of a corpus shard and each row's position in them (-1)."""
@@ -122,8 +116,7 @@ class _KeyShard(beam.DoFn):
 
     def setup(self):
         ref = self._spec.reference
-        self._ref = self._shared.acquire(lambda: _Shards(ref), tag=f"shards:{ref}") \
-            if ref else None
+        self._ref = tables.shards_by_id(self._shared, ref) if ref else None
 
     def process(self, shard: formats.ShardInfo) -> Iterable[Any]:
         spec = self._spec
@@ -197,9 +190,8 @@ class _RouteRows(beam.DoFn):
 
     def setup(self):
         spec = self._spec
-        self._corpus = self._shared.acquire(lambda: _Shards(spec.pool), tag=f"shards:{spec.pool}")
-        self._ref = self._shared.acquire(lambda: _Shards(spec.reference),
-                                         tag=f"shards:{spec.reference}") if spec.reference else None
+        self._corpus = tables.shards_by_id(self._shared, spec.pool)
+        self._ref = tables.shards_by_id(self._shared, spec.reference) if spec.reference else None
 
     def process(self, element) -> Iterable[Any]:
         shard_id, parts = element
@@ -353,11 +345,6 @@ class LayoutPass(beam.PTransform):
                                          beam.pvalue.AsList(carried), counts))
 
 
-def _remove(url: str) -> None:
-    fs, path = formats.fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
 
 def run_layout(spec: formats.LayoutSpec, output: str, beam_args=(),
                test_pipeline=None) -> formats.Layout:
@@ -373,7 +360,7 @@ def run_layout(spec: formats.LayoutSpec, output: str, beam_args=(),
                              f"({existing.spec}); pick another output")
         return existing
     for stale in (formats.LAYOUT_FILE, "candidates", "reference", "carried.parquet"):
-        _remove(formats.join_url(output, stale))  # What an interrupted run left.
+        formats.remove_tree(formats.join_url(output, stale))  # What an interrupted run left.
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
     with pipeline as p:
         _ = p | "LayoutPass" >> LayoutPass(spec, output)

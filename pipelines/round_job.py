@@ -343,11 +343,6 @@ class SelectRounds(beam.PTransform):
                 | "CommitRounds" >> beam.ParDo(_CommitRound(cfg, self._card)))
 
 
-def _remove(url: str) -> None:
-    fs, path = formats.fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
 
 def learner_card(spec: Optional[scoring.ScoringSpec]) -> Optional[formats.ModelCard]:
     """The learner's card (FLOPs measured once, on the launcher); None without a learner."""
@@ -361,7 +356,7 @@ def run_round_job(cfg: RoundJobConfig, beam_args=(), test_pipeline=None) -> dict
     if todo:
         for piece in todo:  # A rerun replaces what an interrupted one left.
             for stale in ("_SUCCESS", "shards", "manifest", "stats.json", METRICS):
-                _remove(formats.join_url(piece.output, stale))
+                formats.remove_tree(formats.join_url(piece.output, stale))
         job = dataclasses.replace(cfg, slices=tuple(todo))
         card = learner_card(cfg.learner) if "learner" in cfg.needs else None
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))

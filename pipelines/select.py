@@ -127,8 +127,7 @@ class _JoinShard(beam.DoFn):
         self._cards = {role: _load_card(getattr(self._cfg, role)) for role in ("reference",
                                                                                 "learner")}
         # Each embeddings dataset's shards by id, from its index, once per worker process.
-        self._embedded = {role: self._shared.acquire(lambda root=root: _Shards(root),
-                                                     tag=f"shards:{root}")
+        self._embedded = {role: tables.shards_by_id(self._shared, root)
                           for role in ("reference", "learner")
                           for root in [getattr(self._cfg, role)] if root}
         self._slice = frozenset(formats.read_uids(self._cfg.uids).to_pylist()) \
@@ -365,12 +364,6 @@ def _tar_name(index: int) -> str:
     return f"{index:05d}.tar"
 
 
-class _Shards:
-    """The corpus's shards by id, read from its index once per worker process."""
-
-    def __init__(self, corpus: str):
-        self.by_id = {s.shard_id: s for s in formats.list_shards(corpus)}
-
 
 class _WriteFragment(beam.DoFn):
     """Selected rows of one corpus shard → tar bytes in a fragment file + their byte ranges."""
@@ -381,7 +374,7 @@ class _WriteFragment(beam.DoFn):
 
     def setup(self):
         corpus = self._cfg.corpus
-        self._shards = self._shared.acquire(lambda: _Shards(corpus), tag=f"shards:{corpus}")
+        self._shards = tables.shards_by_id(self._shared, corpus)
 
     def process(self, element):
         shard_id, parts = element
@@ -554,7 +547,7 @@ class _Commit(beam.DoFn):
         out = cfg.output
         formats.write_json_atomic(formats.join_url(out, "shards", "sizes.json"), sizes)
         formats.write_json_atomic(formats.join_url(out, "stats.json"), stats)
-        _remove(formats.join_url(out, "_work"))
+        formats.remove_tree(formats.join_url(out, "_work"))
         # Tars and manifest shards were hashed as they were written; only the small
         # JSON files are read back.
         shas = dict(report["sha256"])
@@ -571,11 +564,6 @@ class _Commit(beam.DoFn):
         formats.write_json_atomic(formats.join_url(out, "_SUCCESS"), {"files": shas})
         yield stats
 
-
-def _remove(url: str) -> None:
-    fs, path = formats.fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 class CurateRound(beam.PTransform):
@@ -658,7 +646,7 @@ def run_select(cfg: SelectConfig, beam_args=(), test_pipeline=None) -> dict:
     _check_embeddings_dirs(cfg)
     # A rerun replaces the previous output: uncommit first, then clear stale files.
     for stale in ("_SUCCESS", "shards", "manifest", "_work", "stats.json"):
-        _remove(formats.join_url(cfg.output, stale))
+        formats.remove_tree(formats.join_url(cfg.output, stale))
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
     with pipeline as p:
         _ = p | "CurateRound" >> CurateRound(cfg)

@@ -8,7 +8,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["take", "concat", "split_by", "sum_arrays", "ConcatTables"]
+from jest_curate import formats
+
+__all__ = ["take", "concat", "split_by", "sum_arrays", "ConcatTables", "shards_by_id"]
 
 
 def take(rows: dict, index) -> dict:
@@ -67,3 +69,9 @@ class ConcatTables(beam.CombineFn):
 
     def extract_output(self, tables):
         return tables
+
+
+def shards_by_id(handle, root: str) -> formats.ShardsById:
+    """The shards of the dataset at `root`, read from its index once per worker process
+    (`handle`: the DoFn's `apache_beam.utils.shared.Shared`)."""
+    return handle.acquire(lambda: formats.ShardsById(root), tag=f"shards:{root}")

@@ -40,7 +40,6 @@ import logging
 import time
 from typing import Iterator, List, Optional
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
@@ -226,7 +225,7 @@ class OnlineSource:
         if start == 0:  # The round starts (again): what an earlier attempt left goes.
             if self.world.is_main:
                 for stale in ("_SUCCESS", "stats.json", "manifest", _STEPS, formats.METRICS_FILE):
-                    _remove(formats.join_url(self.cfg.output, stale))
+                    formats.remove_tree(formats.join_url(self.cfg.output, stale))
             self.world.barrier()
         for i in range(start, self.num_batches):
             yield self.select(self.cfg.first_super_batch + i)
@@ -343,11 +342,6 @@ def _stats(cfg: OnlineConfig, layout: formats.Layout, manifest: pa.Table, report
     return stats
 
 
-def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
 
 def commit_round(cfg: OnlineConfig, *, batch_size: int, world_size: int) -> dict:
     """Merge every step's rows (all ranks) into the round's manifest and stats; returns the
@@ -384,7 +378,7 @@ def commit_round(cfg: OnlineConfig, *, batch_size: int, world_size: int) -> dict
         k: sum(r[k] for r in reports) for k in ("read_bytes", "work_seconds",
                                                 "work_cpu_seconds")})
     formats.write_json_atomic(success, {"files": dict(sorted(shas.items()))})
-    _remove(formats.join_url(cfg.output, _STEPS))
+    formats.remove_tree(formats.join_url(cfg.output, _STEPS))
     log.info("round %d (online): %d selected of %d candidates in %d steps", cfg.round,
              stats["selected"], stats["seen"], cfg.super_batches)
     return stats
