@@ -410,7 +410,12 @@ def render_table(summary: dict) -> str:
     settings = summary.get("settings") or {}
     if settings.get("wall_seconds"):
         m = settings.get("machine") or {}
-        lines.append(f"study wall time: {settings['wall_seconds'] / 60:.1f} min, data, "
+        elapsed = settings.get("elapsed_seconds")
+        processes = settings.get("processes") or 1
+        when = (f"{elapsed / 60:.1f} min elapsed ({settings['wall_seconds'] / 60:.1f} min "
+                f"summed over {processes} process{'' if processes == 1 else 'es'})"
+                if elapsed else f"{settings['wall_seconds'] / 60:.1f} min")
+        lines.append(f"study wall time: {when}, data, "
                      f"reference and every run included, on {m.get('cpus', '?')} CPUs "
                      f"({m.get('cpu', '?')}; torch {m.get('torch', '?')}, "
                      f"{m.get('torch_threads', '?')} thread{'' if m.get('torch_threads') == 1 else 's'})\n")

@@ -70,6 +70,8 @@ class DemoConfig:
     # accuracy is uniform's at a budget the selecting methods only need a part of).
     variants: dict = dataclasses.field(default_factory=dict)
     corpus: dict = dataclasses.field(default_factory=dict)  # demo_data.build_demo_corpus sizes
+    # Delete a finished run's intermediate learner checkpoints (step 0 and the last stay).
+    prune_checkpoints: bool = True
     # Training budgets in steps: every method runs once per budget (and seed), each run
     # with its own full schedule. Empty: one budget, the run's rounds x steps_per_round.
     budget_steps: tuple = ()
@@ -131,12 +133,14 @@ def parse_part(text: str) -> tuple:
 
 
 def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] = None,
-             score_device: str = "cpu"):
+             score_device: str = "cpu", report: Optional[str] = None, part_count: int = 1):
     """Runs the study (resuming what is done) and returns summary.json's contents.
 
     With `part=(I, N)` only runs I, I+N, I+2N, ... (in config order) are run and no report
     is written (returns None): N processes, started once the reference exists, share one
-    output; a final call without `part` resumes the finished runs and writes the report.
+    output; a final call without `part` resumes the finished runs and writes the report
+    (to `report`, default OUTPUT/report; `part_count` records how many processes ran it).
+    Studies with the same data and reference may share an output and so their runs.
     """
     cfg = DemoConfig.load(config_path)
     data = os.path.join(output, "data")
@@ -166,32 +170,72 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
                 layouts=os.path.join(output, "layouts"),
                 progress=progress_lib.RoundProgress(run_cfg.rounds,
                                                     label=f"{run_cfg.name}: "))
+        if cfg.prune_checkpoints:
+            prune_checkpoints(os.path.join(run_dir, "learner"))
     if part is not None:
         return None
     timings = [os.path.join(output, "data_timing.json"),
                os.path.join(output, "reference", "timing.json")] + [
         os.path.join(d, "timing.json") for budgets in runs.values() for dirs in budgets.values()
         for d in dirs]
+    timings = [formats.read_json(t) for t in timings if os.path.exists(t)]
     return report_lib.write_report(
-        os.path.join(output, "report"), runs=runs,
+        report or os.path.join(output, "report"), runs=runs,
         reference=reference,
         noise_dir=os.path.join(data, "ground_truth", "noise"),
         settings={"config": os.path.basename(config_path), **dataclasses.asdict(cfg),
-                  "wall_seconds": round(sum(formats.read_json(t)["wall_seconds"]
-                                            for t in timings if os.path.exists(t)), 1),
+                  "wall_seconds": round(sum(t["wall_seconds"] for t in timings), 1),
+                  "elapsed_seconds": _round(elapsed_seconds(timings)),
+                  "processes": part_count,
                   "machine": _machine()})
 
 
 @contextlib.contextmanager
 def _timed(url: str):
     """Records the body's wall seconds at `url`, added to what earlier (interrupted or
-    finished) calls recorded there, so a resumed study still sums its real time."""
-    before = formats.read_json(url)["wall_seconds"] if os.path.exists(url) else 0.0
-    start = time.perf_counter()
+    finished) calls recorded there, so a resumed study still sums its real time, and its
+    [start, end] in Unix seconds, so the study's elapsed time is the union of its pieces'
+    intervals even when `--part` processes ran them side by side."""
+    before = formats.read_json(url) if os.path.exists(url) else {}
+    start, clock = time.time(), time.perf_counter()
     try:
         yield
     finally:
-        formats.write_json_atomic(url, {"wall_seconds": before + time.perf_counter() - start})
+        formats.write_json_atomic(url, {
+            "wall_seconds": before.get("wall_seconds", 0.0) + time.perf_counter() - clock,
+            "intervals": before.get("intervals", []) + [[round(start, 3),
+                                                          round(time.time(), 3)]]})
+
+
+def elapsed_seconds(timings: list) -> Optional[float]:
+    """Length of the union of the recorded intervals: wall time while any piece ran. None
+    when a piece was timed without intervals (an older study)."""
+    intervals = []
+    for t in timings:
+        if "intervals" not in t:
+            return None
+        intervals += t["intervals"]
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def prune_checkpoints(learner_dir: str) -> int:
+    """Deletes a finished run's intermediate learner checkpoints (they only served its
+    rounds' scoring and resume), keeping step 0 (a resumed run checks it) and the last.
+    Returns how many it removed. A 1,600-step study run would otherwise keep 1.2 GB."""
+    root = os.path.join(learner_dir, "checkpoints")
+    steps = sorted(f for f in os.listdir(root) if f.startswith("step_") and f.endswith(".pt"))
+    for name in steps[1:-1]:
+        os.remove(os.path.join(root, name))
+    return max(len(steps) - 2, 0)
+
+
+def _round(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 1)
 
 
 def _machine() -> dict:
@@ -237,12 +281,17 @@ def run(argv=None) -> int:
                    help="run only every N-th run from the I-th and skip the report, to split "
                         "a study over N processes sharing --output (start them after the "
                         "reference is trained; rerun without --part to write the report)")
+    p.add_argument("--report", help="report directory (default OUTPUT/report), e.g. for a "
+                                     "lever study sharing a headline study's output")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="how many --part processes ran the study (recorded in the report)")
     progress_lib.add_verbose_flag(p)
     args, beam_args = options.parse_stage_args(p, argv)
     progress_lib.configure_logging(os.path.join(args.output, "log.txt"), verbose=args.verbose)
     config = args.config or str(CONFIG_DIR / ("demo_full.json" if args.full else "demo.json"))
     summary = run_demo(config, args.output, beam_args=beam_args or ["--runner=FnApiRunner"],
-                       part=args.part, score_device=args.score_device)
+                       part=args.part, score_device=args.score_device, report=args.report,
+                       part_count=args.processes)
     if summary is None:
         print("part %s/%s done; rerun without --part to write the report" % args.part)
         return 0

@@ -50,9 +50,14 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     # Each budget is its own run with its own schedule: 1 and 2 rounds.
     assert [len(done[f"uniform-b{b}-s0"]) for b in (2, 4)] == [1, 2]
 
+    # A finished run keeps only its step-0 and last learner checkpoints.
+    ckpts = os.listdir(os.path.join(out, "runs", "jest-b4-s0", "learner", "checkpoints"))
+    assert sorted(c for c in ckpts if c.endswith(".pt")) == ["step_00000000.pt",
+                                                             "step_00000004.pt"]
+
     capsys.readouterr()
-    assert demo.run(argv) == 0
-    assert _run_summaries(out) == done  # Resumed, not rerun.
+    assert demo.run(argv + ["--processes", "2"]) == 0
+    assert _run_summaries(out) == done  # Resumed, not rerun (pruned checkpoints and all).
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.load(open(os.path.join(out, "report", "summary.json")))
     assert last["examples_speedup"] == summary["examples_speedup"]
@@ -83,8 +88,29 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     for png in ("accuracy_vs_examples.png", "accuracy_vs_flops.png", "noise_kinds.png"):
         assert os.path.getsize(os.path.join(out, "report", png)) > 1000
     assert summary["settings"]["corpus"]["pool_size"] == 400
+    # Elapsed is the union of the pieces' intervals: the final call's resumes included.
+    settings = summary["settings"]
+    assert settings["processes"] == 2 and 0 < settings["elapsed_seconds"]
+    assert settings["elapsed_seconds"] <= settings["wall_seconds"] + 0.1
+    assert "min elapsed (" in table and "summed over 2 processes" in table
+
+    # Another study with the same data and reference shares the output and its runs, and
+    # writes its report where it is told.
+    other = dict(TINY, methods=["uniform"], budget_steps=[4])
+    config.write_text(json.dumps(other))
+    assert demo.run(argv + ["--report", str(tmp_path / "other")]) == 0
+    assert _run_summaries(out) == done
+    assert set(json.load(open(tmp_path / "other" / "summary.json"))["final_zero_shot"]) == {
+        "uniform"}
     demo_json = json.load(open(os.path.join(out, "data", "demo.json")))
     assert demo_json["counts"]["pool"] == 400
+
+
+def test_elapsed_is_the_union_of_intervals():
+    assert demo.elapsed_seconds([{"intervals": [[0, 10], [20, 30]]},
+                                 {"intervals": [[5, 15], [29, 31]]}]) == 26
+    assert demo.elapsed_seconds([]) == 0
+    assert demo.elapsed_seconds([{"wall_seconds": 3.0}]) is None  # Timed before intervals.
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2"])
