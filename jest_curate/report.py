@@ -505,6 +505,59 @@ def render_findings(summary: dict, *, jest: str = "jest", num_resamples: int = 2
         + "\n".join(curve) + "\n"
 
 
+def _variant_change(summary: dict, name: str, base: str) -> str:
+    """What a lever variant changes against `base`, from the study's config (settings)."""
+    settings = summary.get("settings") or {}
+    variants = settings.get("variants") or {}
+    variant = variants.get(name) or {"method": name}
+    run = {"method": base, **(settings.get("run") or {})}
+    fields = {k: v for k, v in variant.items() if k != "budget_steps" and run.get(k) != v}
+    return ", ".join(f"{k} {run[k]} → {v}" if k in run else f"{k} {v}"
+                     for k, v in sorted(fields.items())) or "-"
+
+
+def render_lever_findings(summary: dict, *, base: str = "jest",
+                          num_resamples: int = 2000) -> str:
+    """A lever study as a table: every variant of `base` against `base` itself at each
+    shared budget, paired by seed (mean difference in zero-shot and its bootstrap
+    interval), and its all-in FLOPs over `base`'s at the largest shared budget. Online
+    selection against rescoring every round measures what offline rounds lose to
+    staleness."""
+    methods = summary["methods"]
+    b0 = methods[base]
+    budgets = b0["budgets"]
+    lines = [f"| variant | change (vs {base}) | "
+             + " | ".join(f"zero-shot − {base}, {b} steps" for b in budgets)
+             + " | all-in FLOPs / " + base + " |",
+             "| --- | --- |" + " --- |" * (len(budgets) + 1)]
+    rows = [(base, b0)] + [(m, methods[m]) for m in _ordered(methods)
+                           if m not in (BASELINE, base)]
+    for m, r in rows:
+        cells = []
+        for b in budgets:
+            if b not in r["budgets"]:
+                cells.append("-")
+                continue
+            acc = r["accuracy_per_seed"][r["budgets"].index(b)]
+            if m == base:
+                cells.append(f"{np.mean(acc):.3f} (itself)")
+                continue
+            d = study_stats.paired_difference(acc, b0["accuracy_per_seed"][budgets.index(b)],
+                                              num_resamples=num_resamples)
+            cells.append(f"{d['mean']:+.3f}{_ci(d['ci'], '+.3f')}"
+                         + ("" if d["significant"] is None else
+                            " *" if d["significant"] else ""))
+        common = [b for b in budgets if b in r["budgets"]]
+        flops = (r["flops_all_in"][r["budgets"].index(common[-1])]
+                 / b0["flops_all_in"][budgets.index(common[-1])]) if common else None
+        lines.append(f"| {m} | {'(the headline setting)' if m == base else _variant_change(summary, m, base)} | "
+                     + " | ".join(cells) + f" | {_fmt(flops, '.2f')} |")
+    seeds = summary.get("num_seeds")
+    lines.append(f"\n{seeds} seeds, paired; * the 95% interval excludes zero. Rows are "
+                 f"differences in zero-shot accuracy from {base} at the same budget.\n")
+    return "\n".join(lines) + "\n"
+
+
 def _render_legacy_table(summary: dict) -> str:
     """The first committed studies (mid-run checkpoint rule; README's current figures)."""
     seeds = len(summary.get("settings", {}).get("seeds", ())) or 1

@@ -147,3 +147,27 @@ def test_findings_read_the_summary_they_are_rendered_from():
     assert "**jest vs clip-score-20** at 8000 steps: +0.055 zero-shot" in text
     assert "uniform's target (0.450) is 0.90 of it" in text
     assert "Where jest's FLOPs go" in text
+
+
+def test_lever_findings_compare_each_variant_with_the_headline_setting():
+    seeds = 3
+    jest = _log_curve(0.375, 0.05, BUDGETS[:2])
+    # Online is 0.02 ahead of jest on every seed; n4 differs by seed around zero.
+    online = [a + 0.02 for a in jest]
+    n4 = [[a + d for a in jest] for d in (-0.01, 0.0, 0.01)]
+    metrics = _metrics({"uniform": [_log_curve(0.3, 0.05, BUDGETS[:2])] * seeds,
+                        "jest": [jest] * seeds, "jest-online": [online] * seeds,
+                        "jest-n4": n4},
+                       {"uniform": 1.0, "jest": 3.0, "jest-online": 6.0, "jest-n4": 3.0})
+    summary = report.study_summary(metrics, num_resamples=200)
+    summary["settings"] = {"run": {"chunks": 16, "selection_mode": "rounds"},
+                           "variants": {"jest-online": {"method": "jest",
+                                                        "selection_mode": "online"},
+                                        "jest-n4": {"method": "jest", "chunks": 4}}}
+    text = report.render_lever_findings(summary, num_resamples=200)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["jest-online"] == ("| jest-online | selection_mode rounds → online | "
+                                   "+0.020 [+0.020, +0.020] * | +0.020 [+0.020, +0.020] * | 2.00 |")
+    assert rows["jest-n4"].startswith("| jest-n4 | chunks 16 → 4 | +0.000 [")
+    assert " * " not in rows["jest-n4"]  # Seeds disagree: the interval holds zero.
+    assert "uniform" not in rows and "0.375 (itself)" in rows["jest"]
