@@ -5,6 +5,7 @@ broken images; the model is jest-vit-micro-28 on the CPU, run by FnApiRunner.
 """
 import gzip
 import io
+import logging
 import pickle
 import shutil
 import socket
@@ -544,3 +545,15 @@ def test_embed_is_a_jest_curate_command():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["embed", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_loading_at_another_resolution_resamples_positions_quietly(caplog):
+    """Online selection loads weights at the scoring resolution every step: open_clip's
+    per-resize INFO line stays out of the log; other root INFO records pass."""
+    state_dict, cfg = _state_dict()
+    net = model_lib.build_model(cfg, image_size=14)
+    with caplog.at_level("INFO"):
+        model_lib.load_weights(net, state_dict)
+        logging.info("Resizing something else")
+    assert net.visual.positional_embedding.shape[0] == (14 // 7) ** 2 + 1
+    assert [r.getMessage() for r in caplog.records] == ["Resizing something else"]

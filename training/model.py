@@ -13,8 +13,10 @@ Small configs (this repo, for a CPU):
 Full-size configs a GPU user would pick (open_clip's registry): ViT-B-32, ViT-B-16,
 ViT-B-16-SigLIP, ViT-L-14 (with `--image-size`/`--patch-dropout` for cheap scoring).
 """
+import contextlib
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Optional, Tuple
@@ -107,6 +109,19 @@ def preprocess_contract(cfg: dict, *, image_size: Optional[int] = None) -> forma
     )
 
 
+@contextlib.contextmanager
+def _quiet_root_info(prefix: str):
+    """Drops the root logger's INFO records that start with `prefix` inside the block."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and str(record.msg).startswith(prefix))
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_weights(model: torch.nn.Module, state_dict: dict, *, source: str = "checkpoint") -> None:
     """Load a state dict strictly, resampling ViT positions to the model's size.
 
@@ -114,8 +129,10 @@ def load_weights(model: torch.nn.Module, state_dict: dict, *, source: str = "che
     """
     state_dict = dict(state_dict)
     if "visual.positional_embedding" in state_dict and hasattr(model.visual, "positional_embedding"):
-        # Interpolates the position grid when the scoring resolution differs.
-        resize_pos_embed(state_dict, model)
+        # Interpolates the position grid when the scoring resolution differs; open_clip
+        # logs every resize at INFO on the root logger, once per load (per step online).
+        with _quiet_root_info("Resizing position embedding"):
+            resize_pos_embed(state_dict, model)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
