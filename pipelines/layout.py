@@ -347,9 +347,10 @@ class LayoutPass(beam.PTransform):
 
 
 def run_layout(spec: formats.LayoutSpec, output: str, beam_args=(),
-               test_pipeline=None) -> formats.Layout:
+               test_pipeline=None) -> Optional[formats.Layout]:
     """Lay out one pass under `output` (skipped if it holds this spec's committed layout;
-    refused if it holds another's); returns the layout."""
+    refused if it holds another's); returns the layout (None after `--dry_run=True`,
+    which builds the job and runs nothing)."""
     try:
         existing = formats.read_layout(output)
     except FileNotFoundError:
@@ -364,6 +365,8 @@ def run_layout(spec: formats.LayoutSpec, output: str, beam_args=(),
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
     with pipeline as p:
         _ = p | "LayoutPass" >> LayoutPass(spec, output)
+    if options.is_dry_run(beam_args):
+        return None
     return formats.read_layout(output)
 
 
@@ -384,7 +387,8 @@ def run(argv=None, test_pipeline=None) -> int:
                        pass_index=args.pass_index, super_batch_size=args.super_batch_size,
                        shard_rows=args.shard_rows)
     layout = run_layout(spec, args.output, beam_args, test_pipeline)
-    print(json.dumps(layout.counts, sort_keys=True))
+    print("dry run: the job was built, nothing ran" if layout is None else
+          json.dumps(layout.counts, sort_keys=True))
     return 0
 
 

@@ -9,11 +9,12 @@ from typing import List, Optional, Sequence, Tuple
 # Importing the runners registers their option classes (as launching them would).
 import apache_beam.runners.dataflow.dataflow_runner  # noqa: F401
 import apache_beam.runners.portability.portable_runner  # noqa: F401
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from apache_beam.options.pipeline_options import _BeamArgumentParser
 
 from jest_curate import flags
 
-__all__ = ["parse_stage_args", "beam_passthrough"]
+__all__ = ["parse_stage_args", "beam_passthrough", "is_dry_run"]
 
 
 def _beam_parser() -> argparse.ArgumentParser:
@@ -37,3 +38,9 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[st
                      ) -> Tuple[argparse.Namespace, List[str]]:
     """(our flags, Beam's flags); exits 2 naming a flag neither parser knows."""
     return flags.parse_strict(parser, argv, beam_passthrough)
+
+
+def is_dry_run(beam_args: Sequence[str]) -> bool:
+    """`--dry_run=True`: the runner builds the job and runs nothing, so a stage that reads
+    its own outputs after the job must not."""
+    return bool(PipelineOptions(list(beam_args)).view_as(TestOptions).dry_run)

@@ -350,7 +350,8 @@ def learner_card(spec: Optional[scoring.ScoringSpec]) -> Optional[formats.ModelC
 
 
 def run_round_job(cfg: RoundJobConfig, beam_args=(), test_pipeline=None) -> dict:
-    """Run one period's job (rounds already committed are skipped); {round: stats}."""
+    """Run one period's job (rounds already committed are skipped); {round: stats}
+    ({} after `--dry_run=True`, which builds the job and runs nothing)."""
     todo = [s for s in cfg.slices
             if not formats.exists(formats.join_url(s.output, "_SUCCESS"))]
     if todo:
@@ -362,6 +363,8 @@ def run_round_job(cfg: RoundJobConfig, beam_args=(), test_pipeline=None) -> dict
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
         with pipeline as p:
             _ = p | "SelectRounds" >> SelectRounds(job, card)
+        if options.is_dry_run(beam_args):
+            return {}
     return {s.round: formats.read_json(formats.join_url(s.output, "stats.json"))
             for s in cfg.slices}
 
@@ -397,7 +400,10 @@ def run(argv=None, test_pipeline=None) -> int:
         super_batch_size=layout.spec.super_batch_size, chunks=args.chunks,
         temperature=args.temperature, seed=args.seed, learner=learner,
         compute_dtype=args.compute_dtype)
-    stats = run_round_job(cfg, beam_args, test_pipeline)[args.round]
+    stats = run_round_job(cfg, beam_args, test_pipeline).get(args.round)
+    if stats is None:
+        print("dry run: the job was built, nothing ran")
+        return 0
     print(json.dumps({k: stats[k] for k in ("seen", "selected", "rejected", "dead_lettered")}))
     return 0
 

@@ -212,3 +212,26 @@ def test_a_layout_killed_mid_write_reruns_to_the_same_bytes(pool, tmp_path):
         layout.run_layout(spec, out, BEAM)
     assert not os.path.exists(os.path.join(out, formats.LAYOUT_FILE))  # Not committed.
     assert _digests(layout.run_layout(spec, out, BEAM).root) == _digests(lay.root)
+
+
+def test_dataflow_dry_run_builds_the_layout_and_round_jobs_and_runs_nothing(
+        pool, tmp_path, monkeypatch, capsys):
+    """docs/dataflow.md's check: `--dry_run=True` on DataflowRunner builds the job offline
+    and the stage says so, instead of failing to read outputs nothing wrote."""
+    import socket
+    root, corpus, ref, spec, lay = pool
+
+    def no_network(self, address, *args):
+        raise OSError(f"test forbids network access ({address})")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    dataflow = ["--runner", "DataflowRunner", "--dry_run=True", "--project", "jest-demo",
+                "--region", "us-central1", "--temp_location", "gs://jest-demo/dataflow/tmp",
+                "--staging_location", "gs://jest-demo/dataflow/staging"]
+    out = tmp_path / "p0"
+    assert layout.run(["--corpus", corpus, "--reference-embeddings", ref, "--output",
+                       str(out), "--seed", "3", "--super-batch-size", str(S)] + dataflow) == 0
+    assert "dry run" in capsys.readouterr().out and not os.path.exists(out / "layout.json")
+    assert round_job.run(["--layout", lay.root, "--super-batches", "0:3", "--output",
+                          str(tmp_path / "r0"), "--method", "easy-reference",
+                          "--batch-size", str(B)] + dataflow) == 0
+    assert "dry run" in capsys.readouterr().out and not os.path.exists(tmp_path / "r0" / "_SUCCESS")
