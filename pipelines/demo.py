@@ -201,10 +201,13 @@ def _timed(url: str):
     try:
         yield
     finally:
+        import torch  # Float sums, so a run's bytes, depend on the thread count.
         formats.write_json_atomic(url, {
             "wall_seconds": before.get("wall_seconds", 0.0) + time.perf_counter() - clock,
             "intervals": before.get("intervals", []) + [[round(start, 3),
-                                                          round(time.time(), 3)]]})
+                                                          round(time.time(), 3)]],
+            "torch_threads": sorted(set(before.get("torch_threads", []))
+                                    | {torch.get_num_threads()})})
 
 
 def elapsed_seconds(timings: list) -> Optional[float]:

@@ -91,6 +91,8 @@ def test_parts_split_the_runs_and_the_last_call_writes_the_report(tmp_path, caps
     # Elapsed is the union of the pieces' intervals: the final call's resumes included.
     settings = summary["settings"]
     assert settings["processes"] == 2 and 0 < settings["elapsed_seconds"]
+    timing = json.load(open(os.path.join(out, "runs", "jest-b4-s0", "timing.json")))
+    assert len(timing["intervals"]) == 2 and timing["torch_threads"]  # Run, then resumed.
     assert settings["elapsed_seconds"] <= settings["wall_seconds"] + 0.1
     assert "min elapsed (" in table and "summed over 2 processes" in table
 
