@@ -26,6 +26,7 @@ COMMANDS = {
     "bench-select": ("benchmarks.selection:main", "benchmark joint selection vs matmul FLOP/s"),
     "bench-scale": ("benchmarks.scale:main", "cost per example and select memory at 1x..8x"),
     "bench-rounds": ("benchmarks.rounds_scale:main", "a round's cost and launcher RSS at 1x..16x"),
+    "readme": ("jest_curate.readme:run", "rewrite the README's result blocks from results/"),
     "train": ("training.main:train_main", "train a learner or reference model (SigLIP, resumable)"),
     "eval": ("training.main:eval_main", "zero-shot and retrieval metrics of a checkpoint"),
 }
