@@ -25,6 +25,8 @@ def _rounds_scale(summary: dict) -> str:
 BLOCKS = {
     "results": ("results/full", report.render_table),
     "findings": ("results/full", report.render_findings),
+    "levers_full": ("results/full_levers", report.render_table),
+    "lever_findings": ("results/full_levers", report.render_lever_findings),
     "demo": ("results/demo", report.render_table),
     "results_v1": ("results/full_v1", report.render_table),
     "noise80": ("results/noise80", report.render_table),

@@ -54,6 +54,21 @@ def test_headline_is_the_full_study():
         summary["methods"])
 
 
+def test_the_lever_study_varies_n_f_and_rescoring_cadence_against_online():
+    summary = json.load(open(os.path.join(ROOT, BLOCKS["levers_full"], "summary.json")))
+    assert summary["settings"]["config"] == "demo_full_levers.json"
+    assert summary["num_seeds"] >= 3
+    run = summary["settings"]["run"]
+    settings = {m: {**run, **summary["settings"]["variants"].get(m, {})}
+                for m in summary["methods"]}
+    jest = {k: v for k, v in settings.items() if v.get("method", k) == "jest"}
+    assert {v["chunks"] for v in jest.values()} >= {4, 16}
+    assert {v["filter_ratio"] for v in jest.values()} >= {0.5, 0.8}
+    # Steps between rescorings: every round of 50 steps, and every 4 rounds.
+    assert {v["steps_per_round"] * v.get("rescore_every", 1) for v in jest.values()} >= {50, 200}
+    assert any(v.get("selection_mode") == "online" for v in jest.values())
+
+
 def test_the_quick_demo_runs_uniform_clip_score_and_jest():
     summary = json.load(open(os.path.join(ROOT, BLOCKS["demo"], "summary.json")))
     assert summary["settings"]["config"] == "demo.json"
