@@ -93,7 +93,6 @@ def layout_spec(*, pool: str, reference: Optional[str], seed: int, pass_index: i
         shard_super_batches=max(1, shard_rows // super_batch_size), keep=keep)
 
 
-
 def _reference(spec, shards, shard: formats.ShardInfo):
     """The reference embeddings of a corpus shard and each row's position in them (-1)."""
     info = shards.by_id.get(shard.shard_id)
@@ -343,7 +342,6 @@ class LayoutPass(beam.PTransform):
                 | "Once" >> beam.Create([None])
                 | "Commit" >> beam.ParDo(_Commit(spec, self._output), beam.pvalue.AsList(written),
                                          beam.pvalue.AsList(carried), counts))
-
 
 
 def run_layout(spec: formats.LayoutSpec, output: str, beam_args=(),

@@ -343,7 +343,6 @@ class SelectRounds(beam.PTransform):
                 | "CommitRounds" >> beam.ParDo(_CommitRound(cfg, self._card)))
 
 
-
 def learner_card(spec: Optional[scoring.ScoringSpec]) -> Optional[formats.ModelCard]:
     """The learner's card (FLOPs measured once, on the launcher); None without a learner."""
     return scoring.load_scoring_model(spec).card if spec is not None else None

@@ -364,7 +364,6 @@ def _tar_name(index: int) -> str:
     return f"{index:05d}.tar"
 
 
-
 class _WriteFragment(beam.DoFn):
     """Selected rows of one corpus shard → tar bytes in a fragment file + their byte ranges."""
 
@@ -563,7 +562,6 @@ class _Commit(beam.DoFn):
         # _SUCCESS is the selection's index: every file it holds, with its sha256.
         formats.write_json_atomic(formats.join_url(out, "_SUCCESS"), {"files": shas})
         yield stats
-
 
 
 class CurateRound(beam.PTransform):

@@ -342,7 +342,6 @@ def _stats(cfg: OnlineConfig, layout: formats.Layout, manifest: pa.Table, report
     return stats
 
 
-
 def commit_round(cfg: OnlineConfig, *, batch_size: int, world_size: int) -> dict:
     """Merge every step's rows (all ranks) into the round's manifest and stats; returns the
     stats. Idempotent: a committed round (its _SUCCESS) is read back, not rewritten."""
