@@ -418,7 +418,8 @@ def render_table(summary: dict) -> str:
         lines.append(f"study wall time: {when}, data, "
                      f"reference and every run included, on {m.get('cpus', '?')} CPUs "
                      f"({m.get('cpu', '?')}; torch {m.get('torch', '?')}, "
-                     f"{m.get('torch_threads', '?')} thread{'' if m.get('torch_threads') == 1 else 's'})\n")
+                     f"{m.get('torch_threads', '?')} "
+                     f"thread{'' if m.get('torch_threads') == 1 else 's'})\n")
     return "\n".join(lines) + "\n"
 
 
@@ -545,13 +546,12 @@ def render_lever_findings(summary: dict, *, base: str = "jest",
             d = study_stats.paired_difference(acc, b0["accuracy_per_seed"][budgets.index(b)],
                                               num_resamples=num_resamples)
             cells.append(f"{d['mean']:+.3f}{_ci(d['ci'], '+.3f')}"
-                         + ("" if d["significant"] is None else
-                            " *" if d["significant"] else ""))
+                         + (" *" if d["significant"] else ""))
         common = [b for b in budgets if b in r["budgets"]]
         flops = (r["flops_all_in"][r["budgets"].index(common[-1])]
                  / b0["flops_all_in"][budgets.index(common[-1])]) if common else None
-        lines.append(f"| {m} | {'(the headline setting)' if m == base else _variant_change(summary, m, base)} | "
-                     + " | ".join(cells) + f" | {_fmt(flops, '.2f')} |")
+        change = "(the headline setting)" if m == base else _variant_change(summary, m, base)
+        lines.append(f"| {m} | {change} | " + " | ".join(cells) + f" | {_fmt(flops, '.2f')} |")
     seeds = summary.get("num_seeds")
     lines.append(f"\n{seeds} seeds, paired; * the 95% interval excludes zero. Rows are "
                  f"differences in zero-shot accuracy from {base} at the same budget.\n")

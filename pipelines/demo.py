@@ -14,9 +14,12 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from jest_curate import demo_data
 from jest_curate import formats
@@ -201,11 +204,11 @@ def _timed(url: str):
     try:
         yield
     finally:
-        import torch  # Float sums, so a run's bytes, depend on the thread count.
         formats.write_json_atomic(url, {
             "wall_seconds": before.get("wall_seconds", 0.0) + time.perf_counter() - clock,
             "intervals": before.get("intervals", []) + [[round(start, 3),
                                                           round(time.time(), 3)]],
+            # Float sums, so a run's bytes, depend on the thread count.
             "torch_threads": sorted(set(before.get("torch_threads", []))
                                     | {torch.get_num_threads()})})
 
@@ -242,8 +245,6 @@ def _round(x: Optional[float]) -> Optional[float]:
 
 
 def _machine() -> dict:
-    import platform
-    import torch
     return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}
