@@ -1,6 +1,7 @@
 """Rounds: a tiny two-round run end to end, resume after a kill, reproducibility, report."""
 import dataclasses
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -312,8 +313,10 @@ def test_the_ledger_adds_up_every_cost_of_the_run(setup, finished):
     assert again["rounds"][0]["ledger"]["reference_training"] == 123
 
 
-def test_rounds_train_with_two_processes(setup, finished):
-    """train_processes = 2: each round's training runs under torchrun (gloo on CPU)."""
+def test_rounds_train_with_two_processes(setup, finished, caplog):
+    """train_processes = 2: each round's training runs under torchrun (gloo on CPU); the
+    processes' output goes to the log, not the terminal."""
+    caplog.set_level(logging.INFO, logger="training.main")
     root, _, cfg = setup
     out_a, summary_a = finished
     out_b = str(root / "run_ddp")
@@ -329,6 +332,8 @@ def test_rounds_train_with_two_processes(setup, finished):
     selection = os.path.join("rounds", "r0000", "selection")
     digests_a, digests_b = _digests(out_a, (selection,)), _digests(out_b, (selection,))
     assert digests_a and digests_a == digests_b
+    assert any(r.message.startswith("[rank 0] ") and "step 4" in r.message
+               for r in caplog.records)
 
 
 def test_rescoring_every_two_rounds_scores_both_with_one_checkpoint(setup, finished):

@@ -154,6 +154,24 @@ def test_a_killed_two_process_run_resumes_bit_for_bit(runs, shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_failed_multi_process_run_names_each_processs_error(tmp_path, monkeypatch):
+    """The processes' stderr goes to the log, and a failure quotes every process's last
+    lines, so the cause is in the error (not lost with the terminal)."""
+    from training import main as trainer_cli
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = _config(tmp_path, "run", str(tmp_path / "no_such_shards"), batch_size=BATCH,
+                     data_format="curated")
+    with pytest.raises(RuntimeError) as failed:
+        trainer_cli.train_with_processes(config, 2)
+    message = str(failed.value)
+    assert "jest-curate train --nproc 2 exited with" in message
+    for rank in (0, 1):
+        section = message.split(f"--- rank {rank}, last lines of its stderr:")[1]
+        assert "jest-curate train: error:" in section.split("--- rank")[0]
+        assert "no_such_shards" in section.split("--- rank")[0]
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         World(rank=0, size=3).part(8)

@@ -10,15 +10,16 @@ global batch, and DistributedDataParallel averages the gradients. nccl on GPUs, 
 CPUs. A run started with N processes resumes with N (the checkpoint records it).
 """
 import dataclasses
+import glob
 import os
 import subprocess
 import sys
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "world_from_env", "shutdown", "launch"]
+__all__ = ["World", "world_from_env", "shutdown", "launch", "rank_logs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run `jest-curate <argv>` as `nproc` processes on this machine under torchrun."""
+def launch(nproc: int, argv: Sequence[str], log_dir: Optional[str] = None) -> int:
+    """Run `jest-curate <argv>` as `nproc` processes on this machine under torchrun.
+
+    With `log_dir` (local), each process's stdout and stderr go to files under it
+    (torchrun's --redirects; read them with `rank_logs`) instead of the terminal.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "jest_curate.cli", *argv]
-    return subprocess.run(cmd, check=False).returncode
+           f"--nproc_per_node={nproc}"]
+    if log_dir is not None:
+        cmd += ["--log-dir", log_dir, "--redirects", "3"]
+    return subprocess.run([*cmd, "-m", "jest_curate.cli", *argv], check=False).returncode
+
+
+def rank_logs(log_dir: str, stream: str = "stderr") -> Dict[int, str]:
+    """{local rank: what it wrote to `stream`} for the launches under `log_dir`, the last
+    attempt's (torchrun writes LOG_DIR/<run id>/attempt_<n>/<local rank>/<stream>.log)."""
+    logs = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "*", "attempt_*", "*", f"{stream}.log"))):
+        rank = os.path.basename(os.path.dirname(path))
+        if rank.isdigit():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                logs[int(rank)] = f.read()
+    return logs

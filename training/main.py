@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -37,6 +38,8 @@ __all__ = ["parse_train_args", "train_main", "parse_eval_args", "eval_main"]
 _MODEL_HELP = ("open_clip config name or JSON config file. Shipped CPU configs: "
                + ", ".join(sorted(p.stem for p in model_lib.CONFIG_DIR.glob("*.json")))
                + ". Full-size (GPU): ViT-B-32, ViT-B-16, ViT-B-16-SigLIP, ViT-L-14.")
+log = logging.getLogger(__name__)
+_FAILURE_LINES = 20  # Of each process's stderr, in the error of a failed --nproc run.
 _USER_ERRORS = (FileNotFoundError, FileExistsError, formats.FormatError,
                 formats.CheckpointError, data_lib.DataError)
 
@@ -226,12 +229,25 @@ def train_argv(config: train_lib.TrainConfig) -> list:
 
 
 def train_with_processes(config: train_lib.TrainConfig, nproc: int) -> train_lib.TrainResult:
-    """`train(config)`, as `nproc` data-parallel processes under torchrun when nproc > 1."""
+    """`train(config)`, as `nproc` data-parallel processes under torchrun when nproc > 1.
+
+    The processes' output goes to this process's log (its file; the terminal only with
+    -v), and a failure names every process's last lines.
+    """
     if nproc == 1:
         return train_lib.train(config)
-    code = distributed.launch(nproc, ["train", *train_argv(config)])
+    with tempfile.TemporaryDirectory(prefix="jest-curate-torchrun-") as log_dir:
+        code = distributed.launch(nproc, ["train", *train_argv(config)], log_dir=log_dir)
+        logs = distributed.rank_logs(log_dir)
+    for rank, text in sorted(logs.items()):
+        for line in text.splitlines():
+            log.info("[rank %d] %s", rank, line)
     if code:
-        raise RuntimeError(f"jest-curate train --nproc {nproc} exited with {code}")
+        tails = "".join(f"\n--- rank {rank}, last lines of its stderr:\n" +
+                        "\n".join(text.splitlines()[-_FAILURE_LINES:])
+                        for rank, text in sorted(logs.items()))
+        raise RuntimeError(f"jest-curate train --nproc {nproc} exited with {code}"
+                           f"{tails or ' (no process wrote anything)'}")
     latest = formats.read_json(formats.join_url(config.output, "checkpoints", "latest.json"))
     return train_lib.TrainResult(
         step=latest["step"], examples_seen=latest["examples_seen"], flops=latest["flops"],
