@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from jest_curate import readme
+from jest_curate import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +30,20 @@ def test_every_study_summary_has_the_headline_keys(folder):
     for key in ("examples_speedup", "flops_speedup", "final_zero_shot", "reference_zero_shot",
                 "learner_beats_reference"):
         assert key in summary
+
+
+@pytest.mark.parametrize("folder", sorted({f for f in BLOCKS.values()
+                                           if os.path.isdir(os.path.join(ROOT, f, "runs"))}))
+def test_study_summary_is_what_its_committed_runs_give(folder):
+    """A study's speedups, intervals and curves recomputed from the committed summary of
+    every run it names (one per method, budget and seed) equal its committed summary."""
+    summary = json.load(open(os.path.join(ROOT, folder, "summary.json")))
+    metrics = {m: {b: [report.final_metrics(json.load(open(os.path.join(
+        ROOT, folder, "runs", f"{m}-b{b}-s{seed}.json")))) for seed in summary["settings"]["seeds"]]
+        for b in row["budgets"]} for m, row in summary["methods"].items()}
+    again = json.loads(json.dumps(report.study_summary(metrics)))
+    assert again["target_accuracy"] == summary["target_accuracy"]
+    assert again["methods"] == summary["methods"]
 
 
 def test_readme_command_rewrites_a_stale_block(tmp_path):
