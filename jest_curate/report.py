@@ -14,6 +14,7 @@ full learning-rate schedule, over paired seeds. From every run's *final* evaluat
 `render_table` also renders the first committed studies' summaries (results/*), which
 used a mid-run checkpoint rule; those carry no "format" key.
 """
+import dataclasses
 import os
 import textwrap
 from typing import Optional
@@ -511,7 +512,9 @@ def _variant_change(summary: dict, name: str, base: str) -> str:
     settings = summary.get("settings") or {}
     variants = settings.get("variants") or {}
     variant = variants.get(name) or {"method": name}
-    run = {"method": base, **(settings.get("run") or {})}
+    defaults = {f.name: f.default for f in dataclasses.fields(formats.RunConfig)
+                if f.default is not dataclasses.MISSING}
+    run = {**defaults, "method": base, **(settings.get("run") or {})}
     fields = {k: v for k, v in variant.items() if k != "budget_steps" and run.get(k) != v}
     return ", ".join(f"{k} {run[k]} → {v}" if k in run else f"{k} {v}"
                      for k, v in sorted(fields.items())) or "-"

@@ -163,7 +163,10 @@ def test_lever_findings_compare_each_variant_with_the_headline_setting():
     summary["settings"] = {"run": {"chunks": 16, "selection_mode": "rounds"},
                            "variants": {"jest-online": {"method": "jest",
                                                         "selection_mode": "online"},
-                                        "jest-n4": {"method": "jest", "chunks": 4}}}
+                                        "jest-n4": {"method": "jest", "chunks": 4},
+                                        "jest-k4": {"method": "jest", "rescore_every": 4}}}
+    # A field the study's run leaves at its default shows the default it changes.
+    assert report._variant_change(summary, "jest-k4", "jest") == "rescore_every 1 → 4"
     text = report.render_lever_findings(summary, num_resamples=200)
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
     assert rows["jest-online"] == ("| jest-online | selection_mode rounds → online | "
