@@ -27,6 +27,8 @@ BLOCKS = {
     "findings": ("results/full", report.render_findings),
     "levers_full": ("results/full_levers", report.render_table),
     "lever_findings": ("results/full_levers", report.render_lever_findings),
+    "noise80_full": ("results/full_noise80", report.render_table),
+    "noise80_findings": ("results/full_noise80", report.render_findings),
     "demo": ("results/demo", report.render_table),
     "results_v1": ("results/full_v1", report.render_table),
     "noise80": ("results/noise80", report.render_table),

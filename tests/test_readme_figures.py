@@ -84,6 +84,16 @@ def test_the_lever_study_varies_n_f_and_rescoring_cadence_against_online():
     assert any(v.get("selection_mode") == "online" for v in jest.values())
 
 
+def test_the_noise80_study_runs_the_headline_methods_at_80_percent_noise():
+    summary = json.load(open(os.path.join(ROOT, BLOCKS["noise80_full"], "summary.json")))
+    headline = json.load(open(os.path.join(ROOT, BLOCKS["results"], "summary.json")))
+    assert summary["settings"]["config"] == "demo_full_noise80.json"
+    assert summary["settings"]["noise"] == 0.8 and headline["settings"]["noise"] == 0.5
+    assert summary["num_seeds"] >= 3
+    assert set(headline["methods"]) <= set(summary["methods"])
+    assert all(len(r["budgets"]) >= 3 for r in summary["methods"].values())
+
+
 def test_the_quick_demo_runs_uniform_clip_score_and_jest():
     summary = json.load(open(os.path.join(ROOT, BLOCKS["demo"], "summary.json")))
     assert summary["settings"]["config"] == "demo.json"
