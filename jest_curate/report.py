@@ -185,11 +185,11 @@ def study_summary(metrics: dict, *, num_resamples: int = 2000, seed: int = 0) ->
                "per_class_largest": _per_class_mean(metrics[m][a["budgets"][-1]]),
                "flops_per_example": _flops_per_example(metrics[m][a["budgets"][-1]]),
                **point[m]}
-        for key in _SPEEDUP_KEYS:  # Not reached in a replicate: speedup 0 (see study_stats).
-            ci = None if replicates is None else study_stats.percentile_interval(
-                [r[m][key] or 0.0 for r in replicates])
+        for key in _SPEEDUP_KEYS:  # An end not reached is None (see study_stats).
+            ci = None if replicates is None else study_stats.speedup_interval(
+                [r[m][key] for r in replicates])
             row[f"{key}_ci"] = list(ci) if ci else None
-            row[f"{key}_significant"] = study_stats.excludes(ci, 1.0)
+            row[f"{key}_significant"] = study_stats.speedup_excludes_one(ci)
         base = arrays[BASELINE]
         row["difference_to_uniform"] = [
             {"budget": b, **study_stats.paired_difference(
@@ -333,7 +333,11 @@ def _fmt(x, spec=".3f"):
 
 
 def _ci(ci, spec=".2f") -> str:
-    return "" if not ci else f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+    return "" if not ci else f" [{_fmt_end(ci[0], spec)}, {_fmt_end(ci[1], spec)}]"
+
+
+def _fmt_end(x, spec) -> str:
+    return "not reached" if x is None else format(x, spec)
 
 
 def _speedup_cell(row: dict, key: str) -> str:

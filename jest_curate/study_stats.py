@@ -18,9 +18,10 @@ the smallest budget, x* <= that budget and the speedup is a lower bound ("at lea
 when the curve ends below the target it is "not reached" (beyond the largest budget).
 
 Bootstrap. Percentile intervals (2.5%, 97.5%) over resampled seeds. A resample where a
-method does not reach the target gives speedup 0: its true speedup is below every
-reached value, so percentiles keep their order. An interval "excludes" the null value
-(0 for accuracy differences, 1 for speedups) only when both ends lie on one side.
+method does not reach the target has no speedup, only a bound: it is below every reached
+value, so it sorts first, and an interval end that falls on such a resample is None
+("not reached"; `speedup_interval`). An interval "excludes" the null value (0 for
+accuracy differences, 1 for speedups) only when both ends lie on one side of it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 __all__ = ["Crossing", "iso_accuracy_crossing", "interpolate_at", "bootstrap_interval",
-           "bootstrap_draws", "percentile_interval", "paired_difference", "excludes"]
+           "bootstrap_draws", "percentile_interval", "speedup_interval", "paired_difference",
+           "excludes", "speedup_excludes_one"]
 
 REACHED, AT_MOST, NOT_REACHED = "interpolated", "at_most_smallest_budget", "not_reached"
 
@@ -112,6 +114,23 @@ def percentile_interval(values: Sequence[float], *, level: float = 0.95) -> tupl
     lo, hi = np.quantile(np.asarray(values, np.float64), [alpha, 1.0 - alpha],
                          method="inverted_cdf")
     return float(lo), float(hi)
+
+
+def speedup_interval(replicates: Sequence[Optional[float]], *,
+                     level: float = 0.95) -> tuple:
+    """`percentile_interval` of speedup replicates, None for a resample that does not
+    reach the target (it sorts below every reached one); an end that falls on one is None."""
+    ends = percentile_interval([-math.inf if r is None else r for r in replicates],
+                               level=level)
+    return tuple(None if math.isinf(end) else end for end in ends)
+
+
+def speedup_excludes_one(ci: Optional[Sequence[Optional[float]]]) -> Optional[bool]:
+    """`excludes(ci, 1)` for a `speedup_interval`: a lower end not reached lies below the
+    upper end; None without an interval or when even the upper end is not reached."""
+    if ci is None or ci[1] is None:
+        return None
+    return bool(ci[1] < 1.0 or (ci[0] is not None and ci[0] > 1.0))
 
 
 def paired_difference(method: Sequence[float], baseline: Sequence[float], *,

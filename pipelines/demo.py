@@ -147,9 +147,11 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
     """
     cfg = DemoConfig.load(config_path)
     data = os.path.join(output, "data")
-    with _timed(os.path.join(output, "data_timing.json")):
+    with _timed(os.path.join(output, "data_timing.json"),
+                done=os.path.exists(os.path.join(data, "demo.json"))):
         demo_data.build_demo_corpus(data, seed=cfg.data_seed, noise=cfg.noise, **cfg.corpus)
-    with _timed(os.path.join(output, "reference", "timing.json")):
+    with _timed(os.path.join(output, "reference", "timing.json"),
+                done=os.path.exists(os.path.join(output, "reference", "eval.json"))):
         reference = _reference(cfg, data, os.path.join(output, "reference"))
     log.info("reference: %s", reference["eval"])
     print(f"reference: zero-shot {reference['eval'][report_lib.METRIC]:.3f}", flush=True)
@@ -166,7 +168,8 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
             "reference_training_flops": reference["training_flops"],
             "eval_data": formats.join_url(data, "eval")})
         log.info("running %s", run_cfg.name)
-        with _timed(os.path.join(run_dir, "timing.json")):
+        with _timed(os.path.join(run_dir, "timing.json"),
+                    done=os.path.exists(os.path.join(run_dir, "summary.json"))):
             rounds_lib.run_rounds(
                 run_cfg, run_dir, beam_args=beam_args, score_device=score_device,
                 reference_embeddings=os.path.join(output, "reference_embeddings"),
@@ -194,11 +197,15 @@ def run_demo(config_path: str, output: str, beam_args=(), part: Optional[tuple] 
 
 
 @contextlib.contextmanager
-def _timed(url: str):
-    """Records the body's wall seconds at `url`, added to what earlier (interrupted or
-    finished) calls recorded there, so a resumed study still sums its real time, and its
+def _timed(url: str, done: bool = False):
+    """Records the body's wall seconds at `url`, added to what earlier (interrupted)
+    calls recorded there, so a resumed study still sums its real time, and its
     [start, end] in Unix seconds, so the study's elapsed time is the union of its pieces'
-    intervals even when `--part` processes ran them side by side."""
+    intervals even when `--part` processes ran them side by side. A piece already `done`
+    (only checked, e.g. by the call that writes the report) records nothing."""
+    if done:
+        yield
+        return
     before = formats.read_json(url) if os.path.exists(url) else {}
     start, clock = time.time(), time.perf_counter()
     try:
