@@ -21,7 +21,7 @@ import io
 import json
 import re
 import uuid
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -1176,25 +1176,35 @@ def encode_wds_sample(*, uid: str, image: bytes, image_format: str, caption: str
 TAR_END = b"\0" * (2 * _TAR_BLOCK)
 
 
-def iter_wds_samples(url: str) -> Iterator[dict]:
+def iter_wds_samples(url: str, keep: Optional[Callable[[int], bool]] = None
+                     ) -> Iterator[dict]:
     """Stream samples of one tar in written order: {"uid", "image", "ext", "caption", "json"}.
 
+    With `keep` (a sample's index in the tar -> bool) the tar is read with seeks, and a
+    sample not kept is {"uid", "skipped": True}: its members' headers are read, their
+    data is not (a training process reads only its own part of a global batch).
     Refuses absolute paths, `..` components and links instead of trusting them.
     """
     import tarfile
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        sample = None
+    with fsspec.open(url, "rb") as f, tarfile.open(
+            fileobj=f, mode="r|" if keep is None else "r:") as tar:
+        sample, index = None, -1
         for member in tar:
             name = member.name
             if name.startswith("/") or ".." in name.split("/") or not member.isfile():
                 raise FormatError(f"{url}: refusing tar member {name!r} (absolute, '..' or "
                                   f"not a regular file)")
             key, _, ext = name.rpartition("/")[2].partition(".")
-            data = tar.extractfile(member).read()
             if sample is None or sample["uid"] != key:
                 if sample is not None:
                     yield sample
+                index += 1
                 sample = {"uid": key}
+                if keep is not None and not keep(index):
+                    sample["skipped"] = True
+            if sample.get("skipped"):
+                continue
+            data = tar.extractfile(member).read()
             if ext == "txt":
                 sample["caption"] = data.decode("utf-8")
             elif ext == "json":

@@ -61,6 +61,32 @@ def _worker(rank: int, rendezvous: str, configs, examples, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _step0_worker(rank: int, rendezvous: str, config) -> None:
+    """Starts a run as one of 2 processes; rank 1 looks for checkpoints late."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    if rank == 1:
+        real = train_lib.latest_checkpoint
+
+        def late(output):
+            time.sleep(2.0)  # Rank 0 writes step 0 meanwhile unless it waits for us.
+            return real(output)
+        train_lib.latest_checkpoint = late
+    try:
+        train_lib.train(config, World(rank=rank, size=2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_sees_the_checkpoints_before_step_0_is_written(tmp_path, one_thread):
+    """A process slower to look than rank 0 is to write step 0 must not find that
+    checkpoint (it would refuse or resume it and skip the barrier the others wait at)."""
+    config = _config(tmp_path, "run", None, batch_size=BATCH, total_steps=2, stop_at_step=0)
+    mp.spawn(_step0_worker, args=(str(tmp_path / "rendezvous"), config), nprocs=2)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt")] == [
+        "step_00000000.pt"]
+
+
 def test_two_processes_compute_one_processs_gradients(tmp_path, one_thread):
     """At one resolution, and with half of the global batch at a lower one (Flexi)."""
     examples = [data_lib.Example(r["uid"], r["image"], r["caption"]) for r in _rows(BATCH)]
@@ -170,6 +196,40 @@ def test_a_failed_multi_process_run_names_each_processs_error(tmp_path, monkeypa
         section = message.split(f"--- rank {rank}, last lines of its stderr:")[1]
         assert "jest-curate train: error:" in section.split("--- rank")[0]
         assert "no_such_shards" in section.split("--- rank")[0]
+
+
+def test_a_process_reads_the_bytes_of_its_own_examples_only(shards, monkeypatch):
+    """CuratedShards with `keep`: the examples not kept are None and their members' data
+    is never extracted from the tar (headers only); the kept ones are unchanged."""
+    import tarfile
+    source = data_lib.CuratedShards(shards, batch_size=BATCH)
+    whole = list(source.batches(1))
+    extracted = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, member: extracted.append(member.name) or real(self, member))
+    mine = list(source.batches(1, keep=lambda batch, position: position % 3 == batch % 2))
+    assert len(mine) == len(whole) == STEPS - 1
+    for batch, (a, b) in enumerate(zip(whole, mine), start=1):
+        for position, (x, y) in enumerate(zip(a, b)):
+            assert y == (x if position % 3 == batch % 2 else None)
+    kept = {e.uid for batch in mine for e in batch if e is not None}
+    assert kept and {name.split(".")[0] for name in extracted} == kept
+
+
+def test_two_flexi_processes_read_their_parts_and_train_the_one_process_run(shards, tmp_path):
+    """With half of every batch at low resolution each process reads and trains its part
+    of the split (scattered over the global batch): the run is one process's."""
+    extra = ("--low-res-size", "14", "--low-res-fraction", "0.5")
+    for name, nproc in (("one", ()), ("two", ("--nproc", "2"))):
+        result = _run(_train_argv(shards, tmp_path / name, *nproc, *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    final = f"checkpoints/step_{STEPS:08d}.pt"
+    one, two = (formats.load_checkpoint(str(tmp_path / n / final)) for n in ("one", "two"))
+    for key in ("examples_seen", "flops"):
+        assert two.extra[key] == one.extra[key], key
+    for name, w in one.state_dict.items():
+        torch.testing.assert_close(two.state_dict[name], w, rtol=0, atol=5e-3, msg=name)
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused():

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import posixpath
 import tarfile
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -64,16 +64,21 @@ class Batch:
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-def _iter_tar_samples(shard_url: str) -> Iterator[Example]:
-    """One tar's samples in written order, each checked to be whole and contiguous."""
+def _iter_tar_samples(shard_url: str, keep: Optional[Callable[[int], bool]] = None
+                      ) -> Iterator[Optional[Example]]:
+    """One tar's samples in written order, each checked to be whole and contiguous; None
+    for a sample `keep` (its index in the tar -> bool) leaves unread."""
     seen = set()
     try:
-        for sample in formats.iter_wds_samples(shard_url):
+        for sample in formats.iter_wds_samples(shard_url, keep):
             uid = sample["uid"]
             if uid in seen:
                 raise DataError(f"{shard_url}: members of sample {uid!r} are not contiguous "
                                 "(or the uid repeats)")
             seen.add(uid)
+            if sample.get("skipped"):
+                yield None
+                continue
             if "caption" not in sample or sample.get("ext") not in _IMAGE_EXTENSIONS:
                 raise DataError(f"{shard_url}: sample {uid!r} is incomplete: needs an image "
                                 f"({'|'.join(_IMAGE_EXTENSIONS)}) and a .txt caption")
@@ -115,8 +120,11 @@ class CuratedShards:
                             "were selected with")
         self.num_batches = self.num_examples // batch_size
 
-    def examples(self, start: int = 0) -> Iterator[Example]:
-        """Samples from index `start` on; whole shards before it are skipped unread."""
+    def examples(self, start: int = 0, keep: Optional[Callable[[int], bool]] = None
+                 ) -> Iterator[Optional[Example]]:
+        """Samples from index `start` on; whole shards before it are skipped unread. With
+        `keep` (a sample's index over all shards -> bool), a sample not kept is None, its
+        bytes unread."""
         offset = 0
         for name, count in self.shards:
             if offset + count <= start:
@@ -124,7 +132,9 @@ class CuratedShards:
                 continue
             shard_url = formats.join_url(self.url, name)
             seen = 0
-            for example in _iter_tar_samples(shard_url):
+            in_tar = None if keep is None else (
+                lambda i, first=offset: first + i >= start and keep(first + i))
+            for example in _iter_tar_samples(shard_url, in_tar):
                 if offset + seen >= start:
                     yield example
                 seen += 1
@@ -132,11 +142,16 @@ class CuratedShards:
                 raise DataError(f"{shard_url}: holds {seen} samples, sizes.json says {count}")
             offset += count
 
-    def batches(self, start: int = 0) -> Iterator[List[Example]]:
+    def batches(self, start: int = 0, keep: Optional[Callable[[int, int], bool]] = None
+                ) -> Iterator[List[Optional[Example]]]:
+        """Global batches from batch `start` on. With `keep` (batch index, position in
+        it -> bool), the examples not kept are None and their bytes are not read."""
         if not 0 <= start <= self.num_batches:
             raise ValueError(f"start batch {start} outside [0, {self.num_batches}]")
+        b = self.batch_size
         chunk = []
-        for example in self.examples(start * self.batch_size):
+        for example in self.examples(start * b, None if keep is None else (
+                lambda i: keep(i // b, i % b))):
             chunk.append(example)
             if len(chunk) == self.batch_size:
                 yield chunk

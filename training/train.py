@@ -348,33 +348,58 @@ class Trainer:
         log.info("resumed %s at step %d", url, self.step)
 
     # ----------------------------------------------------------------- training
-    def _split_resolutions(self, examples, *key):
-        """(full-resolution, low-resolution) examples; the split is seeded by the step (and
-        `key`)."""
+    def _low_positions(self, n: int, step: int, *key) -> set:
+        """Positions of a batch of `n` trained at low resolution at `step`; the draw is
+        seeded by the step (and `key`)."""
         if self.low_res_contract is None:
-            return examples, []
-        n_low = round(self.config.low_res_fraction * len(examples))
-        rng = np.random.default_rng(hashing.derive_seed(self.config.seed, "low_res", self.step,
+            return set()
+        n_low = round(self.config.low_res_fraction * n)
+        rng = np.random.default_rng(hashing.derive_seed(self.config.seed, "low_res", step,
                                                         *key))
-        low = set(rng.permutation(len(examples))[:n_low].tolist())
+        return set(rng.permutation(n)[:n_low].tolist())
+
+    def _split_resolutions(self, examples, *key):
+        """(full-resolution, low-resolution) examples of this step."""
+        low = self._low_positions(len(examples), self.step, *key)
         return ([e for i, e in enumerate(examples) if i not in low],
                 [e for i, e in enumerate(examples) if i in low])
 
-    def _my_parts(self, examples, local: bool = False):
-        """This process's (full-resolution, low-resolution) examples of a global batch.
+    def _my_positions(self, n: int, step: int) -> tuple:
+        """This process's (full-resolution, low-resolution) positions in the global batch
+        of `n` trained at `step`.
 
         The resolution split is drawn over the global batch, whose order is full then low
         (as one process trains it); each process takes its contiguous part of that order.
-        `local`: `examples` are already this process's own (online selection, where each
-        rank selects its part); the split is then drawn over them, seeded by the rank too.
+        """
+        low = self._low_positions(n, step)
+        order = [i for i in range(n) if i not in low] + sorted(low)
+        mine = order[self.world.part(n)]
+        return [i for i in mine if i not in low], [i for i in mine if i in low]
+
+    def _my_parts(self, examples, local: bool = False):
+        """This process's (full-resolution, low-resolution) examples of a global batch
+        (`_my_positions`). `local`: `examples` are already this process's own (online
+        selection, where each rank selects its part); the split is then drawn over them,
+        seeded by the rank too.
         """
         if local:
             return self._split_resolutions(
                 examples, *(("rank", self.world.rank) if self.world.distributed else ()))
-        full, low = self._split_resolutions(examples)
-        ordered = [(e, False) for e in full] + [(e, True) for e in low]
-        mine = ordered[self.world.part(len(ordered))]
-        return [e for e, is_low in mine if not is_low], [e for e, is_low in mine if is_low]
+        full, low = self._my_positions(len(examples), self.step)
+        return [examples[i] for i in full], [examples[i] for i in low]
+
+    def _reads(self, start: int):
+        """keep(batch, position) for a curated source read from batch `start` at this
+        step: whether this process trains that example (the others are left unread)."""
+        step0, b, mine = self.step, self.config.batch_size, {}
+
+        def keep(batch: int, position: int) -> bool:
+            if batch not in mine:
+                mine.clear()
+                full, low = self._my_positions(b, step0 + batch - start)
+                mine[batch] = set(full) | set(low)
+            return position in mine[batch]
+        return keep
 
     def train_step(self, examples, local: bool = False) -> float:
         """One optimizer step on a global batch (every process passes the same one), or,
@@ -485,7 +510,10 @@ class Trainer:
         self._open_writer()
         loss = None
         try:
-            batches = source.batches(start)
+            # Each process reads the bytes of its own part of every global batch only.
+            batches = source.batches(start, keep=self._reads(start)) if (
+                self.world.distributed and isinstance(source, data_lib.CuratedShards)) \
+                else source.batches(start)
             while self.step < stop_at_step:
                 batch = next(batches)  # Online: selected now, with the current weights.
                 if isinstance(batch, online_lib.SelectedBatch):
@@ -523,6 +551,10 @@ def train(config: TrainConfig, world: Optional[World] = None) -> TrainResult:
     world = world or world_from_env(resolve_device(config.device).type)
     trainer = Trainer(config, world)
     latest = latest_checkpoint(config.output)
+    # Every process sees the same checkpoints before rank 0 writes one: a process that
+    # looked after rank 0 wrote step 0 would resume from it (or refuse it) and skip the
+    # step-0 barrier the others wait at.
+    world.barrier()
     source = None
     if latest is not None:
         if not config.resume:
