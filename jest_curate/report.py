@@ -189,7 +189,7 @@ def study_summary(metrics: dict, *, num_resamples: int = 2000, seed: int = 0) ->
             ci = None if replicates is None else study_stats.speedup_interval(
                 [r[m][key] for r in replicates])
             row[f"{key}_ci"] = list(ci) if ci else None
-            row[f"{key}_significant"] = study_stats.speedup_excludes_one(ci)
+            row[f"{key}_significant"] = study_stats.excludes(ci, 1.0)
         base = arrays[BASELINE]
         row["difference_to_uniform"] = [
             {"budget": b, **study_stats.paired_difference(

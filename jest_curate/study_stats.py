@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = ["Crossing", "iso_accuracy_crossing", "interpolate_at", "bootstrap_interval",
            "bootstrap_draws", "percentile_interval", "speedup_interval", "paired_difference",
-           "excludes", "speedup_excludes_one"]
+           "excludes"]
 
 REACHED, AT_MOST, NOT_REACHED = "interpolated", "at_most_smallest_budget", "not_reached"
 
@@ -125,14 +125,6 @@ def speedup_interval(replicates: Sequence[Optional[float]], *,
     return tuple(None if math.isinf(end) else end for end in ends)
 
 
-def speedup_excludes_one(ci: Optional[Sequence[Optional[float]]]) -> Optional[bool]:
-    """`excludes(ci, 1)` for a `speedup_interval`: a lower end not reached lies below the
-    upper end; None without an interval or when even the upper end is not reached."""
-    if ci is None or ci[1] is None:
-        return None
-    return bool(ci[1] < 1.0 or (ci[0] is not None and ci[0] > 1.0))
-
-
 def paired_difference(method: Sequence[float], baseline: Sequence[float], *,
                       num_resamples: int = 2000, seed: int = 0) -> dict:
     """Mean over seeds of method - baseline (paired by seed) and its bootstrap interval."""
@@ -145,8 +137,13 @@ def paired_difference(method: Sequence[float], baseline: Sequence[float], *,
             "significant": excludes(ci, 0.0)}
 
 
-def excludes(ci: Optional[Sequence[float]], null: float) -> Optional[bool]:
-    """True when the interval lies strictly on one side of `null`; None without one."""
-    if ci is None:
+def excludes(ci: Optional[Sequence[Optional[float]]], null: float) -> Optional[bool]:
+    """True when the interval lies strictly on one side of `null`; None without one.
+
+    An end that is None ("not reached", `speedup_interval`) lies below every number, so
+    a lower one is below `null` for this test too, and an upper one (the whole interval
+    not reached) gives None.
+    """
+    if ci is None or ci[1] is None:
         return None
-    return bool(ci[0] > null or ci[1] < null)
+    return bool((ci[0] is not None and ci[0] > null) or ci[1] < null)

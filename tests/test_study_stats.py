@@ -144,8 +144,8 @@ def test_a_speedup_not_reached_in_some_resamples_has_a_not_reached_lower_end():
     lo, hi = row["examples_speedup_ci"]
     assert lo is None and 1.0 <= hi <= 8000 / 4000 * 2
     assert row["examples_speedup_significant"] is False
-    assert st.speedup_excludes_one([None, 0.8]) is True  # Not reached lies below 0.8.
-    assert st.speedup_excludes_one([None, None]) is None
+    assert st.excludes([None, 0.8], 1.0) is True  # Not reached lies below 0.8.
+    assert st.excludes([None, None], 1.0) is None
     table = report.render_table({**summary, "settings": {}})
     assert f"[not reached, {hi:.2f}] (not significant)" in table
 
