@@ -24,6 +24,7 @@ No Beam here: the trainer and evaluators can reuse all of it.
 """
 import contextlib
 import dataclasses
+import json
 import threading
 from typing import Optional, Sequence
 
@@ -331,9 +332,17 @@ def load_scoring_model(spec: ScoringSpec, *, device: str = "cpu",
         patch_dropout=float(spec.patch_dropout), precision=spec.precision)
     scorer = ScoringModel(_to_device(net, device), card, device)
     if measure:
-        flops = measure_flops(scorer)
-        scorer.card = dataclasses.replace(card, flops_per_example=flops.total)
+        # FLOPs depend on the architecture and input shape, never the weights: counted
+        # once per process for each (config, resolution, dropout, precision, device).
+        key = (json.dumps(cfg, sort_keys=True), card.preprocess.image_size,
+               card.patch_dropout, card.precision, scorer.device.type)
+        if key not in _MEASURED:
+            _MEASURED[key] = measure_flops(scorer).total
+        scorer.card = dataclasses.replace(card, flops_per_example=_MEASURED[key])
     return scorer
+
+
+_MEASURED = {}  # load_scoring_model's FLOP counts, by what they depend on.
 
 
 def scorer_from_card(card: formats.ModelCard, *, checkpoint: Optional[str],
