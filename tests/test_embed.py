@@ -557,3 +557,20 @@ def test_loading_at_another_resolution_resamples_positions_quietly(caplog):
         logging.info("Resizing something else")
     assert net.visual.positional_embedding.shape[0] == (14 // 7) ** 2 + 1
     assert [r.getMessage() for r in caplog.records] == ["Resizing something else"]
+
+
+def test_flops_are_counted_once_per_architecture_and_setting_per_process(checkpoint,
+                                                                        monkeypatch):
+    calls = []
+    measure = scoring.measure_flops
+    monkeypatch.setattr(scoring, "_MEASURED", {})
+    monkeypatch.setattr(scoring, "measure_flops", lambda s: calls.append(1) or measure(s))
+    settings = ({}, {"image_size": 14}, {"patch_dropout": 0.25}, {"precision": "bf16"})
+    cards = [scoring.load_scoring_model(_spec(ckpt, **kw)).card
+             for ckpt in (checkpoint, None) for kw in settings]  # Weights are not a key.
+    assert len(calls) == len(settings)
+    for card in cards:
+        fresh = scoring.load_scoring_model(_spec(
+            None, image_size=card.preprocess.image_size, patch_dropout=card.patch_dropout,
+            precision=card.precision), measure=False)
+        assert card.flops_per_example == measure(fresh).total
