@@ -34,3 +34,16 @@ def test_the_token_cache_is_bounded_and_its_rows_are_not_aliased(monkeypatch):
     first.zero_()  # A caller writing into its batch leaves the cache alone.
     again = preprocess.tokenize(["e", "a"], _contract(24))
     assert torch.equal(again, open_clip.tokenize(["e", "a"], context_length=24))
+
+
+def test_threads_sharing_a_small_cache_get_open_clips_tokens(monkeypatch):
+    import concurrent.futures
+    monkeypatch.setattr(preprocess, "_token_cache", type(preprocess._token_cache)())
+    monkeypatch.setattr(preprocess, "_TOKEN_CACHE_SIZE", 5)  # Constant eviction.
+    batches = [[f"caption {(t * 7 + i) % 13}" for i in range(20)] for t in range(16)]
+
+    def check(batch):
+        return torch.equal(preprocess.tokenize(batch, _contract(24)),
+                           open_clip.tokenize(batch, context_length=24))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, batches * 4))

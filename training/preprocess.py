@@ -8,6 +8,7 @@ ships inside the open_clip package, padded/truncated to `context_length`.
 import collections
 import io
 import re
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -88,27 +89,26 @@ def preprocess_images(images: Sequence, contract: formats.Preprocess) -> torch.T
 # row depends on its caption alone. Bounded, so a web-scale stream costs one lookup each.
 _TOKEN_CACHE_SIZE = 1 << 17
 _token_cache: "collections.OrderedDict" = collections.OrderedDict()
+_token_lock = threading.Lock()  # Beam runs DoFns on several threads of one process.
 
 
 def _token_rows(captions: Sequence[str], context_length: int) -> list:
-    rows, missing = [], []
-    for caption in captions:
-        row = _token_cache.get((caption, context_length))
-        if row is None:
-            missing.append(caption)
-        else:
-            _token_cache.move_to_end((caption, context_length))
-        rows.append(row)
-    if missing:
-        missing = list(dict.fromkeys(missing))
-        tokens = open_clip.tokenize(missing, context_length=context_length)
-        fresh = {c: row.clone() for c, row in zip(missing, tokens)}  # Own storage each.
-        rows = [fresh[c] if r is None else r for c, r in zip(captions, rows)]
+    with _token_lock:
+        rows = [_token_cache.get((c, context_length)) for c in captions]
+        for c, row in zip(captions, rows):
+            if row is not None:
+                _token_cache.move_to_end((c, context_length))
+    missing = list(dict.fromkeys(c for c, r in zip(captions, rows) if r is None))
+    if not missing:
+        return rows
+    tokens = open_clip.tokenize(missing, context_length=context_length)
+    fresh = {c: row.clone() for c, row in zip(missing, tokens)}  # Own storage each.
+    with _token_lock:
         for caption, row in fresh.items():
             _token_cache[(caption, context_length)] = row
         while len(_token_cache) > _TOKEN_CACHE_SIZE:
             _token_cache.popitem(last=False)
-    return rows
+    return [fresh[c] if r is None else r for c, r in zip(captions, rows)]
 
 
 def tokenize(captions: Sequence[str], contract: formats.Preprocess) -> torch.Tensor:
