@@ -30,6 +30,7 @@ BLOCKS = {
     "noise80_full": ("results/full_noise80", report.render_table),
     "noise80_findings": ("results/full_noise80", report.render_findings),
     "demo": ("results/demo", report.render_table),
+    "results_fp32": ("results/full_fp32", report.render_table),
     "results_v1": ("results/full_v1", report.render_table),
     "noise80": ("results/noise80", report.render_table),
     "levers": ("results/levers", report.render_table),
