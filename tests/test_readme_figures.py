@@ -67,6 +67,11 @@ def test_headline_is_the_full_study():
     assert all(len(r["budgets"]) >= 3 for r in summary["methods"].values())
     assert {"uniform", "jest", "jest-flexi", "clip-score-30", "clip-score-20"} <= set(
         summary["methods"])
+    # It fits the machine: <= 90 min elapsed on the 2-core CPU, as the report recorded.
+    settings = summary["settings"]
+    assert settings["elapsed_seconds"] <= 90 * 60 and settings["machine"]["cpus"] == 2
+    assert settings["processes"] <= settings["machine"]["cpus"]
+    assert settings["machine"]["torch_threads"] * settings["processes"] <= 2
 
 
 def test_the_lever_study_varies_n_f_and_rescoring_cadence_against_online():
