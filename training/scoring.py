@@ -310,6 +310,9 @@ def _to_device(net: torch.nn.Module, device: str) -> torch.nn.Module:
     return net.to(device)
 
 
+_MEASURED = {}  # load_scoring_model's FLOP counts, by what they depend on.
+
+
 def load_scoring_model(spec: ScoringSpec, *, device: str = "cpu",
                        measure: bool = True) -> ScoringModel:
     """Build the model a spec describes and its card (with measured FLOPs if `measure`).
@@ -340,9 +343,6 @@ def load_scoring_model(spec: ScoringSpec, *, device: str = "cpu",
             _MEASURED[key] = measure_flops(scorer).total
         scorer.card = dataclasses.replace(card, flops_per_example=_MEASURED[key])
     return scorer
-
-
-_MEASURED = {}  # load_scoring_model's FLOP counts, by what they depend on.
 
 
 def scorer_from_card(card: formats.ModelCard, *, checkpoint: Optional[str],
