@@ -70,7 +70,7 @@ class RoundJobConfig:
     seed: int = 0
     learner: Optional[scoring.ScoringSpec] = None  # The checkpoint that scores the period.
     compute_dtype: str = "fp32"
-    scoring_batch_size: int = 128  # Examples per learner forward pass.
+    scoring_batch_size: int = scoring.FORWARD_ROWS  # Examples per learner forward pass.
 
     def __post_init__(self):
         needs = sampler.needed_embeddings(self.method)

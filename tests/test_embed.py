@@ -578,15 +578,15 @@ def test_flops_are_counted_once_per_architecture_and_setting_per_process(checkpo
 
 @pytest.mark.parametrize("model", [MODEL, "jest-vit-flexi-32"])
 def test_rows_per_forward_pass_do_not_change_fp32_embeddings(model):
-    """The round job's and evaluator's forward passes of 128 rows (faster than 256 on a
-    CPU) give the embeddings that 256 would, bit for bit."""
+    """The round job's and evaluator's forward passes of FORWARD_ROWS rows (faster than
+    256 on a CPU) give the embeddings that 256 would, bit for bit."""
     images = _idx("t10k-images-idx3-ubyte.gz")[:300]
     rows = [_png(x) for x in images]
     captions = [f"a photo of item {i}" for i in range(len(rows))]
     uids = [str(i) for i in range(len(rows))]
     scorer = scoring.load_scoring_model(scoring.ScoringSpec(model=model), measure=False)
     by_size = [scoring.embed_rows(scorer, rows, captions, uids, batch_size=n)
-               for n in (128, 256, 300)]
+               for n in (scoring.FORWARD_ROWS, 256, 300)]
     for image, text, failed in by_size[1:]:
         assert np.array_equal(image, by_size[0][0]) and np.array_equal(text, by_size[0][1])
         assert failed == by_size[0][2] == []

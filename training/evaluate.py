@@ -24,6 +24,7 @@ import torch
 
 from jest_curate import formats
 from training import preprocess
+from training import scoring
 
 __all__ = ["ZeroShotEvaluator", "RetrievalEvaluator", "model_encoders", "EvalSplit",
            "EvalData", "load_eval_data", "evaluate_dir", "bpe_tokens", "untaught_tokens"]
@@ -63,8 +64,8 @@ class ZeroShotEvaluator:
 
     def __init__(self, encode_image_fn: EncodeFn, encode_text_fn: EncodeFn, *,
                  images: Sequence, labels: Sequence[int], classnames: Sequence[str],
-                 templates: Sequence[str], ks: Sequence[int] = (1, 5), batch_size: int = 128,
-                 prefix: str = "zeroshot_"):
+                 templates: Sequence[str], ks: Sequence[int] = (1, 5),
+                 batch_size: int = scoring.FORWARD_ROWS, prefix: str = "zeroshot_"):
         if len(images) != len(labels) or not len(images):
             raise ValueError(f"need as many labels as images (> 0), got {len(images)} images "
                              f"and {len(labels)} labels")
@@ -107,7 +108,7 @@ class RetrievalEvaluator:
 
     def __init__(self, encode_image_fn: EncodeFn, encode_text_fn: EncodeFn, *,
                  images: Sequence, captions: Sequence[str], ks: Sequence[int] = (1, 5),
-                 batch_size: int = 128, prefix: str = "retrieval_"):
+                 batch_size: int = scoring.FORWARD_ROWS, prefix: str = "retrieval_"):
         if len(images) != len(captions) or not len(images):
             raise ValueError(f"need one caption per image (> 0), got {len(images)} images "
                              f"and {len(captions)} captions")
@@ -248,7 +249,7 @@ def load_eval_data(url: str) -> EvalData:
 
 
 def evaluate_dir(encode_image_fn: EncodeFn, encode_text_fn: EncodeFn, data: EvalData, *,
-                 batch_size: int = 128) -> dict:
+                 batch_size: int = scoring.FORWARD_ROWS) -> dict:
     """Every evaluator the eval directory supports, as one flat dict of metrics."""
     results, evaluators = {}, []
     if data.zeroshot is not None:

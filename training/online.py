@@ -78,7 +78,7 @@ class OnlineConfig:
     patch_dropout: float = 0.0  # Scoring-time patch dropout.
     precision: str = "fp32"  # Of the scoring forward: fp32 | bf16 autocast.
     compute_dtype: str = "fp32"  # Of the selection matmuls.
-    scoring_batch_size: int = 128  # Candidates per learner forward pass.
+    scoring_batch_size: int = scoring.FORWARD_ROWS  # Candidates per learner forward pass.
 
     def __post_init__(self):
         if not 0 <= self.first_super_batch < self.stop_super_batch:
